@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+LAB    ?= lab
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test lint unit integration bench clean services
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## run: create the local lab from state/ and walk the whole migration on it
+run: setup
+	$(BIN)/python -m reconciler.demo --lab $(LAB) --state state
+
+## test: lint, type-check, layering contracts and the whole test suite
+test: setup lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(BIN)/ruff check reconciler tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: setup
+	$(BIN)/python bench/plan_bench.py
+
+clean:
+	rm -rf $(VENV) $(LAB) .mypy_cache .ruff_cache

@@ -1,0 +1,171 @@
+"""Apply: the level-triggered, idempotent reconcile loop.
+
+observe -> plan -> apply each ready step through the backend -> observe again and verify the
+step against its own simulation -> journal. It can be called at any time: after a crash, the
+next call observes the half-done world and plans from there. A failing step stops the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from reconciler.context import Context, Instructor
+from reconciler.diff import diff
+from reconciler.journal import Journal
+from reconciler.load import LoadedState
+from reconciler.observe import JournalView, world_checksum
+from reconciler.plan import Plan, Status, make_plan
+from reconciler.safety import check_transition
+from reconciler.steps import SetMxTtl, Step
+from reconciler.world import World
+
+
+class Backend(Protocol):
+    """The drivers, composed: see `drivers/backend.py`."""
+
+    def observe(self, now: datetime, view: JournalView) -> World: ...
+
+    def execute(self, step: Step) -> None: ...
+
+    def instructor(self) -> Instructor: ...
+
+
+class StalePlanError(RuntimeError):
+    """A saved plan whose world is no longer the observed world."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    step: str
+    result: str  # ok | failed
+    message: str = ""
+
+
+@dataclass
+class ApplyReport:
+    plan: Plan
+    outcomes: list[Outcome] = field(default_factory=list)
+    final: Plan | None = None
+
+    @property
+    def failed(self) -> bool:
+        return any(o.result == "failed" for o in self.outcomes)
+
+
+def build_plan(
+    loaded: LoadedState,
+    world: World,
+    view: JournalView,
+    instructor: Instructor,
+    *,
+    allow_bulk: bool = False,
+) -> Plan:
+    ctx = Context.of(loaded.state, allow_bulk=allow_bulk, acked=view.acked, instructor=instructor)
+    steps = diff(loaded.state, world, ctx)
+    return make_plan(
+        loaded.state,
+        world,
+        steps,
+        ctx,
+        checksum=world_checksum(world, loaded.digest),
+        source=loaded.digest,
+    )
+
+
+def observe_and_plan(
+    loaded: LoadedState,
+    backend: Backend,
+    journal: Journal | None,
+    now: datetime,
+    *,
+    allow_bulk: bool = False,
+) -> tuple[World, Plan]:
+    view = JournalView.read(journal)
+    world = backend.observe(now, view)
+    return world, build_plan(loaded, world, view, backend.instructor(), allow_bulk=allow_bulk)
+
+
+def _note_manual_ttl(journal: Journal, world: World, ctx: Context, now: datetime) -> bool:
+    """Start the MR004 clock for a TTL someone lowered by hand (the gate waits for this)."""
+    if world.dns.mx_ttl <= ctx.cutover_ttl and world.history.mx_ttl_lowered_at is None:
+        journal.record(now, "apply", "dns/mx-ttl", "ok",
+                       detail={"lowering": True, "observed": True, "ttl": world.dns.mx_ttl})
+        return True
+    return False
+
+
+def reconcile(
+    loaded: LoadedState,
+    backend: Backend,
+    journal: Journal,
+    clock: Callable[[], datetime],
+    *,
+    allow_bulk: bool = False,
+    saved: dict[str, object] | None = None,
+    progress: Callable[[str, str], None] | None = None,
+) -> ApplyReport:
+    """One reconcile: apply the ready steps of a fresh plan (or of `saved`, if still valid)."""
+    with journal.lock():
+        now = clock()
+        world, plan = observe_and_plan(loaded, backend, journal, now, allow_bulk=allow_bulk)
+        ctx = Context.of(loaded.state, allow_bulk=allow_bulk)
+        if world.dns.mx_hosts != (ctx.mx_host(loaded.state.dns.mx),) and _note_manual_ttl(
+            journal, world, ctx, now
+        ):
+            world, plan = observe_and_plan(loaded, backend, journal, now, allow_bulk=allow_bulk)
+        ready = plan.by_status(Status.READY)
+        if saved is not None:
+            if saved.get("checksum") != plan.checksum:
+                raise StalePlanError(
+                    "the saved plan is stale: the observed world (or the state) changed since it "
+                    f"was made (plan {saved.get('checksum')}, now {plan.checksum}); "
+                    "run mailrec plan again"
+                )
+            allowed = {
+                str(s.get("id")) for s in saved.get("steps", [])  # type: ignore[attr-defined]
+                if isinstance(s, dict) and s.get("status") == "ready"
+            }
+            ready = [p for p in ready if p.id in allowed]
+        report = ApplyReport(plan)
+        for planned in ready:
+            step = planned.step
+            expected = step.simulate(world)
+            # The world may have moved since planning; a step is applied only if it is still safe.
+            found = check_transition(world, expected, step, ctx)
+            if found:
+                report.outcomes.append(Outcome(step.id, "failed", found[0].text()))
+                break
+            detail: dict[str, object] = dict(step.data())
+            if isinstance(step, SetMxTtl):
+                detail["lowering"] = step.lowering
+            journal.record(clock(), "apply", step.id, "started", source=loaded.digest,
+                           detail=detail)
+            if progress:
+                progress(step.id, "started")
+            try:
+                backend.execute(step)
+                observed = backend.observe(clock(), JournalView.read(journal))
+            except Exception as exc:  # a driver failure stops the run; the next run resumes
+                message = f"{type(exc).__name__}: {exc}"
+                journal.record(clock(), "apply", step.id, "failed", source=loaded.digest,
+                               detail={"error": message})
+                report.outcomes.append(Outcome(step.id, "failed", message))
+                break
+            problems = step.verify(expected, observed)
+            if problems:
+                message = "verification failed: " + "; ".join(problems)
+                journal.record(clock(), "apply", step.id, "failed", source=loaded.digest,
+                               detail={"error": message})
+                report.outcomes.append(Outcome(step.id, "failed", message))
+                break
+            journal.record(clock(), "apply", step.id, "ok", source=loaded.digest, detail=detail)
+            report.outcomes.append(Outcome(step.id, "ok"))
+            if progress:
+                progress(step.id, "ok")
+            world = observed
+        _, report.final = observe_and_plan(loaded, backend, journal, clock(),
+                                           allow_bulk=allow_bulk)
+        return report

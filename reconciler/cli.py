@@ -1,0 +1,389 @@
+"""The `mailrec` command line (DESIGN.md section 4): thin wiring of load -> observe -> plan ->
+apply -> render, with the exit codes of the contract:
+0 in sync, 2 changes pending, 3 something refused as unsafe, 1 error (nothing changed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from reconciler import clock
+from reconciler.apply import StalePlanError, observe_and_plan, reconcile
+from reconciler.findings import RULES
+from reconciler.journal import Journal, LockedError
+from reconciler.lab.layout import LabLayout
+from reconciler.load import LoadedState, StateError, load_from_git, load_state
+from reconciler.model import DesiredState
+from reconciler.plan import Plan, Status, static_findings
+from reconciler.render import (
+    render_json,
+    render_markdown,
+    render_status_json,
+    render_status_text,
+    render_text,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_ERROR, EXIT_PENDING, EXIT_REFUSED = 0, 1, 2, 3
+DEFAULT_STATE = "state"
+
+
+class UsageFailure(click.ClickException):
+    exit_code = EXIT_ERROR
+
+
+def fail(message: str) -> NoReturn:
+    raise UsageFailure(message)
+
+
+def state_option(func: F) -> F:
+    func = click.option(
+        "--state", "state_path", type=click.Path(path_type=Path), default=None,
+        help="State file or directory (default: ./state, or the lab's state).",
+    )(func)
+    return click.option(
+        "--lab", "lab_dir", type=click.Path(path_type=Path), envvar="MAILREC_LAB", default=None,
+        help="Use the local lab at DIR for every host (env MAILREC_LAB).",
+    )(func)
+
+
+def _resolve_state_path(state_path: Path | None, lab: LabLayout | None) -> Path:
+    if state_path is not None:
+        return state_path
+    if lab is not None and (lab.root / "state").exists() and not Path(DEFAULT_STATE).exists():
+        return lab.root / "state"
+    return Path(DEFAULT_STATE)
+
+
+def _load(state_path: Path | None, lab_dir: Path | None) -> tuple[LoadedState, LabLayout | None]:
+    lab = LabLayout(lab_dir.resolve()) if lab_dir else None
+    try:
+        loaded = load_state(_resolve_state_path(state_path, lab))
+    except StateError as exc:
+        fail("invalid state:\n" + "\n".join(f"  {p}" for p in exc.problems))
+    return loaded, lab
+
+
+def _journal(loaded: LoadedState, lab: LabLayout | None) -> Journal:
+    directory = lab.journal_dir if lab else loaded.directory / ".mailrec"
+    return Journal(directory)
+
+
+def _backend(loaded: LoadedState, lab: LabLayout | None) -> Any:
+    from reconciler.drivers.backend import BackendError, SystemBackend
+
+    try:
+        return SystemBackend(loaded.state, lab=lab, state_dir=loaded.directory)
+    except (BackendError, RuntimeError, ValueError) as exc:
+        fail(str(exc))
+
+
+def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = False) -> Any:
+    backend = _backend(loaded, lab)
+    journal = _journal(loaded, lab)
+    try:
+        return observe_and_plan(loaded, backend, journal, clock.now(), allow_bulk=allow_bulk)
+    except (OSError, RuntimeError, ValueError) as exc:
+        fail(f"cannot observe: {exc}")
+    finally:
+        journal.close()
+
+
+def _emit(text: str, out: Path | None) -> None:
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+
+
+def _color() -> bool:
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mailrec")
+def cli() -> None:
+    """mailrec: move mail from onprem Postfix to a rental service one user at a time,
+    without losing or bouncing mail."""
+
+
+@cli.command()
+@state_option
+def validate(state_path: Path | None, lab_dir: Path | None) -> None:
+    """Check the state file: schema, then static findings (MR012). Exit 0, 1 or 3."""
+    loaded, _ = _load(state_path, lab_dir)
+    findings = static_findings(loaded.state)
+    for finding in findings:
+        click.echo(finding.text(), err=True)
+    if findings:
+        sys.exit(EXIT_REFUSED)
+    users = len(loaded.state.users)
+    click.echo(f"ok: {', '.join(loaded.files)} ({users} users, digest {loaded.digest[:12]})")
+
+
+@cli.command()
+@state_option
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the plan here.")
+@click.option("--git-base", default=None, help="Compare the state at this ref ...")
+@click.option("--git-head", default=None, help="... with the state at this ref (a PR).")
+@click.option("--allow-bulk", is_flag=True, help="Plan as if applying with --allow-bulk.")
+def plan(state_path: Path | None, lab_dir: Path | None, fmt: str, out: Path | None,
+         git_base: str | None, git_head: str | None, allow_bulk: bool) -> None:
+    """Show what apply would change (a dry run). Exit 0 in sync, 2 pending, 3 refused."""
+    if git_head or git_base:
+        loaded, lab = _load_git_pair(state_path, lab_dir, git_base, git_head)
+    else:
+        loaded, lab = _load(state_path, lab_dir)
+    _, the_plan = _observe(loaded, lab, allow_bulk=allow_bulk)
+    if fmt == "json":
+        _emit(render_json(the_plan), out)
+    elif fmt == "markdown":
+        title = f"mailrec plan for {loaded.state.domain}"
+        if git_head:
+            title += f" ({git_base or 'observed'} → {git_head})"
+        _emit(render_markdown(the_plan, title), out)
+    else:
+        _emit(render_text(the_plan, color=_color() and out is None), out)
+    sys.exit(the_plan.exit_code)
+
+
+def _load_git_pair(state_path: Path | None, lab_dir: Path | None, base: str | None,
+                   head: str | None) -> tuple[LoadedState, LabLayout | None]:
+    """A PR plan: the head commit's state against the observed world. The base commit is
+    validated too, so a PR that fixes a broken base still shows what it does."""
+    lab = LabLayout(lab_dir.resolve()) if lab_dir else None
+    path = _resolve_state_path(state_path, lab).resolve()
+    try:
+        import git
+
+        repo_root = Path(git.Repo(path, search_parent_directories=True).working_tree_dir or ".")
+        sub = str(path.relative_to(repo_root)) if path != repo_root else "."
+        if base:
+            load_from_git(repo_root, base, sub)
+        return load_from_git(repo_root, head or "HEAD", sub), lab
+    except StateError as exc:
+        fail("invalid state:\n" + "\n".join(f"  {p}" for p in exc.problems))
+    except Exception as exc:  # gitpython raises many kinds; all mean "cannot read that ref"
+        fail(f"git: {exc}")
+
+
+@cli.command()
+@state_option
+@click.argument("plan_file", required=False, type=click.Path(path_type=Path, exists=True))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--allow-bulk", is_flag=True, help="Allow moving more than max_change_pct users.")
+def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None, yes: bool,
+          allow_bulk: bool) -> None:
+    """Apply the ready steps (of PLAN_FILE if given, refused when stale), verify each, journal."""
+    loaded, lab = _load(state_path, lab_dir)
+    saved = None
+    if plan_file is not None:
+        try:
+            saved = json.loads(plan_file.read_text())
+        except (OSError, ValueError) as exc:
+            fail(f"{plan_file}: not a plan file ({exc})")
+        if not isinstance(saved, dict) or saved.get("format_version") != 1:
+            fail(f"{plan_file}: not a mailrec plan (format_version 1 expected)")
+    backend = _backend(loaded, lab)
+    journal = _journal(loaded, lab)
+    if not yes and saved is None:
+        _, preview = observe_and_plan(loaded, backend, journal, clock.now(),
+                                      allow_bulk=allow_bulk)
+        click.echo(render_text(preview, color=_color()), nl=False)
+        if not preview.by_status(Status.READY):
+            journal.close()
+            sys.exit(preview.exit_code)
+        if not sys.stdin.isatty() or not click.confirm("Apply the ready steps?", default=False):
+            journal.close()
+            fail("not applied (use --yes to apply without asking)")
+
+    def progress(step_id: str, phase: str) -> None:
+        if phase == "ok":
+            click.echo(f"applied {step_id}")
+
+    try:
+        report = reconcile(loaded, backend, journal, clock.now, allow_bulk=allow_bulk,
+                           saved=saved, progress=progress)
+    except StalePlanError as exc:
+        fail(str(exc))
+    except LockedError as exc:
+        fail(str(exc))
+    except (OSError, RuntimeError, ValueError) as exc:
+        fail(f"cannot observe: {exc}")
+    finally:
+        journal.close()
+    for outcome in report.outcomes:
+        if outcome.result == "failed":
+            click.echo(f"FAILED {outcome.step}: {outcome.message}", err=True)
+    final = report.final
+    assert final is not None
+    click.echo(render_text(final, color=_color()), nl=False)
+    if report.failed:
+        sys.exit(EXIT_ERROR)
+    sys.exit(final.exit_code)
+
+
+@cli.command()
+@state_option
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
+    """Per resource: in sync / pending / gated / refused / drifted."""
+    loaded, lab = _load(state_path, lab_dir)
+    world, the_plan = _observe(loaded, lab)
+    if fmt == "json":
+        click.echo(render_status_json(the_plan, world), nl=False)
+    else:
+        click.echo(render_status_text(the_plan, world, color=_color()), nl=False)
+    sys.exit(the_plan.exit_code)
+
+
+@cli.command()
+@click.argument("step_id")
+@state_option
+@click.option("--note", default="", help="What the person did.")
+def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) -> None:
+    """A person confirms a manual step (e.g. outbound/suga: the mail client was changed)."""
+    loaded, lab = _load(state_path, lab_dir)
+    _, the_plan = _observe(loaded, lab)
+    planned = the_plan.get(step_id)
+    if planned is None:
+        fail(f"{step_id} is not a step of the current plan (nothing to acknowledge)")
+    if planned.status is Status.REFUSED or planned.findings:
+        for reason in planned.reasons():
+            click.echo(reason, err=True)
+        click.echo(f"refused: {step_id} is not safe to do yet", err=True)
+        sys.exit(EXIT_REFUSED)
+    if planned.gate is None or planned.gate.kind != "ack":
+        fail(f"{step_id} does not wait for a person ({planned.status})")
+    journal = _journal(loaded, lab)
+    try:
+        detail: dict[str, object] = {"note": note, **planned.step.data()}
+        journal.record(clock.now(), "ack", step_id, "noted", source=loaded.digest, detail=detail)
+    finally:
+        journal.close()
+    click.echo(f"acknowledged {step_id}")
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of the state file (for editor completion)."""
+    click.echo(json.dumps(DesiredState.model_json_schema(), indent=2))
+
+
+@cli.command()
+def rules() -> None:
+    """List the safety rules (MR codes)."""
+    for code, text in RULES.items():
+        click.echo(f"{code}  {text}")
+
+
+@cli.command()
+@click.option("--repo", default=None, help="Git URL or path of the state repo.")
+@click.option("--branch", default="main")
+@click.option("--interval", type=float, default=60.0, help="Seconds between reconciles.")
+@click.option("--path", "subpath", default="state", help="State path inside the repo.")
+@click.option("--lab", "lab_dir", type=click.Path(path_type=Path), envvar="MAILREC_LAB")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics.")
+@click.option("--once", is_flag=True, help="Reconcile once and exit (for cron and tests).")
+@click.option("--allow-bulk", is_flag=True)
+def daemon(repo: str | None, branch: str, interval: float, subpath: str, lab_dir: Path | None,
+           metrics_port: int | None, once: bool, allow_bulk: bool) -> None:
+    """Reconcile continuously from a git repo (or ./state), on change and every INTERVAL."""
+    from reconciler.daemon import Daemon
+
+    runner = Daemon(repo=repo, branch=branch, subpath=subpath, interval=interval,
+                    lab=LabLayout(lab_dir.resolve()) if lab_dir else None,
+                    metrics_port=metrics_port, allow_bulk=allow_bulk)
+    sys.exit(runner.run(once=once))
+
+
+@cli.group()
+def lab() -> None:
+    """A local lab whose systems stand in for onprem, rental, DNS and router."""
+
+
+@lab.command("init")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--from", "from_state", type=click.Path(path_type=Path), default=None,
+              help="Make the lab's actual state equal this state (default: before migration).")
+@click.option("--state", "state_path", type=click.Path(path_type=Path), default=None,
+              help="The company to build (default: ./state).")
+@click.option("--force", is_flag=True, help="Replace an existing lab.")
+def lab_init(directory: Path, from_state: Path | None, state_path: Path | None,
+             force: bool) -> None:
+    """Create a lab in DIRECTORY."""
+    from reconciler.lab.init import LabInitError, init_lab
+
+    source = from_state or state_path or Path(DEFAULT_STATE)
+    try:
+        loaded = load_state(source)
+    except StateError as exc:
+        fail("invalid state:\n" + "\n".join(f"  {p}" for p in exc.problems))
+    try:
+        init_lab(directory, loaded, migrated=from_state is not None, force=force)
+    except LabInitError as exc:
+        fail(str(exc))
+    click.echo(f"lab created in {directory} ({len(loaded.state.users)} users, "
+               f"{'as in ' + str(from_state) if from_state else 'before migration'})")
+
+
+@lab.command("up")
+@click.argument("directory", type=click.Path(path_type=Path, exists=True))
+def lab_up(directory: Path) -> None:
+    """Start the lab's network services (rental SMTP, RTX emulator) in the background."""
+    from reconciler.lab.services import LabServiceError, start_services
+
+    try:
+        services = start_services(LabLayout(directory.resolve()))
+    except LabServiceError as exc:
+        fail(str(exc))
+    for name, address in services.items():
+        click.echo(f"{name}: {address}")
+
+
+@lab.command("down")
+@click.argument("directory", type=click.Path(path_type=Path, exists=True))
+def lab_down(directory: Path) -> None:
+    """Stop the lab's network services."""
+    from reconciler.lab.services import stop_services
+
+    stopped = stop_services(LabLayout(directory.resolve()))
+    click.echo(f"stopped {stopped} service(s)")
+
+
+def plan_exit_code(the_plan: Plan) -> int:
+    return the_plan.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="mailrec", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return EXIT_ERROR
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_ERROR
+    except clock.ClockError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        return EXIT_ERROR
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_ERROR
+    except Exception as exc:  # the contract: exit 1 with a message, never a bare traceback
+        if os.environ.get("MAILREC_DEBUG"):
+            raise
+        click.echo(f"Error: {type(exc).__name__}: {exc} (MAILREC_DEBUG=1 shows the traceback)",
+                   err=True)
+        return EXIT_ERROR
+    return EXIT_OK

@@ -1,0 +1,168 @@
+"""The backend: the drivers of one installation composed behind observe/execute.
+
+It picks a driver per system from the state file (or the lab's for every system with
+`--lab`), reads each system once per observation (a constant number of round trips per
+host), and dispatches a step to the driver that knows how to do it. It knows steps only as
+data; ordering and safety are the planner's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import datetime
+from pathlib import Path
+
+from reconciler.context import Instructor
+from reconciler.drivers.dns import DnsRecords, Rfc2136Dns, ZoneFileDns
+from reconciler.drivers.lab_onprem import LabOnprem
+from reconciler.drivers.postfix import PostfixFacts
+from reconciler.drivers.rental.base import (
+    Capability,
+    ProviderContext,
+    RentalProvider,
+    RentalSnapshot,
+)
+from reconciler.drivers.rental.registry import load_provider
+from reconciler.drivers.router import LabRouter, RouterDriver, RtxRouter
+from reconciler.lab.layout import LabLayout
+from reconciler.model import DesiredState, Rental, Side
+from reconciler.observe import JournalView, build_world
+from reconciler.secrets import resolve_secret
+from reconciler.steps import (
+    ChangeWhitelist,
+    CreateMailbox,
+    EnableRecipientMap,
+    MoveInbound,
+    MoveMx,
+    MoveOutbound,
+    RemoveOnpremMailbox,
+    RetireOnprem,
+    SetDefaultRoute,
+    SetMxTtl,
+    SetRouterFilter,
+    SetSpf,
+    Step,
+)
+from reconciler.world import World
+
+
+class BackendError(RuntimeError):
+    """A system cannot be reached or a step has no driver; nothing was changed."""
+
+
+class SystemBackend:
+    def __init__(
+        self,
+        state: DesiredState,
+        *,
+        lab: LabLayout | None = None,
+        state_dir: Path | None = None,
+        known_hosts: Path | None = None,
+    ) -> None:
+        self.state = state
+        self.lab = lab
+        services = lab.read_services() if lab else {}
+        if lab is not None:
+            if not lab.exists():
+                raise BackendError(f"{lab.root} is not a mailrec lab (run: mailrec lab init)")
+            self.onprem = LabOnprem(lab, state.domain, state.onprem.config_dir)
+            self.dns: ZoneFileDns | Rfc2136Dns = ZoneFileDns(lab.zone_file(state.domain),
+                                                             state.domain)
+            rental_config: Rental = state.rental.model_copy(update={"provider": "lab"})
+        else:
+            raise BackendError(
+                "only the lab is wired up so far: the onprem Postfix SSH driver is not built "
+                "yet; run with --lab DIR (see docs/architecture.md)"
+            )
+        self.rental: RentalProvider = load_provider(
+            rental_config,
+            ProviderContext(
+                domain=state.domain,
+                lab_dir=lab.root if lab else None,
+                state_dir=state_dir,
+                known_hosts=known_hosts,
+                users=tuple(sorted(state.users)),
+                services=services,
+            ),
+        )
+        self.router: RouterDriver | None = None
+        if state.router is not None:
+            self.router = LabRouter(lab) if lab else RtxRouter(state.router, known_hosts)
+
+    @staticmethod
+    def rfc2136(state: DesiredState) -> Rfc2136Dns:
+        dns_config = state.dns
+        assert dns_config.server and dns_config.tsig
+        host, _, port = dns_config.server.rpartition(":")
+        return Rfc2136Dns(host, int(port), state.domain, dns_config.tsig.name,
+                          dns_config.tsig.algorithm, resolve_secret(dns_config.tsig.secret))
+
+    # --- observe ---------------------------------------------------------------------------
+
+    def read_parts(
+        self, now: datetime
+    ) -> tuple[PostfixFacts, RentalSnapshot, DnsRecords, object]:
+        postfix = self.onprem.observe(now)
+        rental = self.rental.observe()
+        records = self.dns.observe()
+        router = self.router.observe() if self.router else None
+        return postfix, rental, records, router
+
+    def observe(self, now: datetime, view: JournalView) -> World:
+        postfix, rental, records, router = self.read_parts(now)
+        return build_world(
+            self.state, postfix=postfix, rental=rental, dns=records,
+            router=router, journal=view, now=now,  # type: ignore[arg-type]
+        )
+
+    # --- execute ---------------------------------------------------------------------------
+
+    def instructor(self) -> Instructor:
+        provider = self.rental
+
+        def instruct(kind: str, action: str, target: str) -> str | None:
+            needed = {
+                "create_mailbox": Capability.CREATE_MAILBOX,
+                "delete_mailbox": Capability.DELETE_MAILBOX,
+                "add_whitelist": Capability.WRITE_WHITELIST,
+                "remove_whitelist": Capability.WRITE_WHITELIST,
+            }.get(action)
+            if needed is None or provider.supports(needed):
+                return None
+            return provider.instructions(action, target)
+
+        return instruct
+
+    def execute(self, step: Step) -> None:
+        rental = self.state.rental
+        match step:
+            case CreateMailbox(user=user):
+                self.rental.create_mailbox(user)
+            case MoveInbound(user=user, to=Side.RENTAL):
+                self.onprem.route_to_rental(user, rental.smtp_host, rental.relay_port)
+            case MoveInbound(user=user, to=Side.ONPREM):
+                self.onprem.route_to_onprem(user)
+            case RemoveOnpremMailbox(user=user):
+                self.onprem.remove_mailbox(user)
+            case EnableRecipientMap():
+                self.onprem.enable_recipient_map()
+            case RetireOnprem():
+                self.onprem.retire()
+            case SetSpf(after=terms):
+                self.dns.set_spf(terms, self.state.dns.ttl)
+            case SetMxTtl(after=ttl):
+                self.dns.set_mx_ttl(ttl)
+            case MoveMx(host=host, ttl=ttl):
+                self.dns.set_mx((host,), ttl)
+            case ChangeWhitelist(network=network, add=add):
+                net = frozenset({ipaddress.ip_network(network)})
+                empty: frozenset[ipaddress.IPv4Network | ipaddress.IPv6Network] = frozenset()
+                self.rental.set_whitelist(net if add else empty, empty if add else net)
+            case SetRouterFilter() | SetDefaultRoute():
+                if self.router is None:
+                    raise BackendError("no router configured")
+                self.router.apply_step(step, self.state)
+            case MoveOutbound():
+                raise BackendError(f"{step.id} is a manual step: a person acks it")
+            case _:
+                raise BackendError(f"no driver performs {step.id}")

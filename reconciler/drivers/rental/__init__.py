@@ -1,0 +1,1 @@
+"""Rental (hosted mail service) providers: see `base.py` for the workflow."""

@@ -1,0 +1,81 @@
+"""Findings: what a safety rule says about a world or a step, with its MR code.
+
+Every finding names its code, the users or resources involved, and what would make it pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+# One line per rule, shown by `mailrec validate --help` and in docs/architecture.md.
+RULES: dict[str, str] = {
+    "MR001": "route a user to the rental only when the rental mailbox exists and the rental "
+    "accepts the domain",
+    "MR002": "no user's outbound moves to the rental while any user's inbound is still onprem",
+    "MR003": "the MX moves to the rental only when every user's inbound is the rental",
+    "MR004": "the MX moves only after its TTL was lowered to cutover_ttl at least the old TTL ago",
+    "MR005": "outbound via the rental on port 25 needs the router's tcp/25 egress IP inside the "
+    "rental whitelist",
+    "MR006": "SPF authorises the rental before anyone sends through it, and keeps the onprem IP "
+    "while anyone still sends through onprem",
+    "MR007": "onprem recipient validation must accept every user routed to the rental",
+    "MR008": "no step deletes a mailbox that still holds messages",
+    "MR009": "the router always keeps a default route; a route references a filter only after "
+    "the filter exists",
+    "MR010": "onprem is retired only after the MX moved, the old TTL elapsed and the quiet period "
+    "passed with no mail through it",
+    "MR011": "a plan moving more than max_change_pct of users needs --allow-bulk",
+    "MR012": "the state file is invalid or contradicts itself",
+    "MR013": "no step leaves a receiving user with nowhere to receive (onprem would answer 550)",
+    "MR014": "the router filter number mailrec manages must not be used by an unrelated rule",
+    "MR015": "an unmanaged user still receives onprem (not in the state file)",
+}
+
+
+class Severity(StrEnum):
+    REFUSE = "refuse"  # the change is unsafe until something else changes
+    GATE = "gate"  # the change is safe but waits for time, a person or an observation
+    WARN = "warn"  # worth knowing; blocks nothing
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    code: str
+    message: str
+    subjects: tuple[str, ...] = ()
+    remedy: str = ""
+    severity: Severity = Severity.REFUSE
+
+    def text(self) -> str:
+        tail = f" To pass: {self.remedy}" if self.remedy else ""
+        return f"{self.code}: {self.message}.{tail}"
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "code": self.code,
+            "message": self.text(),
+            "subjects": list(self.subjects),
+            "severity": str(self.severity),
+        }
+
+
+def subjects_text(names: list[str] | tuple[str, ...], limit: int = 5) -> str:
+    """`a, b, c and 12 more` - findings must stay readable with 100,000 users."""
+    shown = ", ".join(names[:limit])
+    rest = len(names) - limit
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Why a safe step waits: a time, an ack by a person, or an observation."""
+
+    kind: str  # "time" | "ack" | "observation" | "step"
+    message: str
+    code: str = ""
+    until: str | None = None  # ISO-8601 for time gates
+    instructions: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_finding(self) -> Finding:
+        return Finding(self.code or "GATE", self.message, severity=Severity.GATE)

@@ -1,0 +1,137 @@
+"""The journal: a SQLite file beside the state (`.mailrec/journal.db`) that outlives crashes.
+
+It records every applied step (time, result, the commit or file digest it came from), every
+ack by a person, and observations only the journal can keep (when the MX TTL was lowered).
+Time gates read their start from here. A lock file (`flock`) keeps two applies apart; the
+kernel drops it when the holder dies, so a crash never leaves a stale lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL,          -- apply | ack | observe | run
+    step TEXT,
+    result TEXT NOT NULL,        -- started | ok | failed | noted
+    source TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_step ON events(step, kind);
+"""
+
+
+class LockedError(RuntimeError):
+    """Another mailrec apply holds the lock."""
+
+
+@dataclass(frozen=True)
+class Event:
+    at: datetime
+    kind: str
+    step: str | None
+    result: str
+    source: str
+    detail: dict[str, object]
+
+
+class Journal:
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.path = directory / "journal.db"
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        # WAL + synchronous=FULL: an event that was recorded survives a crash or power loss.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def record(
+        self,
+        at: datetime,
+        kind: str,
+        step: str | None,
+        result: str,
+        *,
+        source: str = "",
+        detail: dict[str, object] | None = None,
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO events(at, kind, step, result, source, detail) VALUES (?,?,?,?,?,?)",
+            (at.isoformat(), kind, step, result, source, json.dumps(detail or {}, default=str)),
+        )
+
+    def events(self, *, step: str | None = None, kind: str | None = None) -> list[Event]:
+        query = "SELECT at, kind, step, result, source, detail FROM events WHERE 1=1"
+        args: list[str] = []
+        if step is not None:
+            query += " AND step = ?"
+            args.append(step)
+        if kind is not None:
+            query += " AND kind = ?"
+            args.append(kind)
+        rows = self._db.execute(query + " ORDER BY id", args).fetchall()
+        return [
+            Event(datetime.fromisoformat(r[0]), r[1], r[2], r[3], r[4], json.loads(r[5]))
+            for r in rows
+        ]
+
+    def last(self, step: str, kind: str = "apply", result: str = "ok") -> Event | None:
+        row = self._db.execute(
+            "SELECT at, kind, step, result, source, detail FROM events "
+            "WHERE step = ? AND kind = ? AND result = ? ORDER BY id DESC LIMIT 1",
+            (step, kind, result),
+        ).fetchone()
+        if row is None:
+            return None
+        return Event(datetime.fromisoformat(row[0]), row[1], row[2], row[3], row[4],
+                     json.loads(row[5]))
+
+    def acks(self) -> dict[str, Event]:
+        """The latest ack per step id."""
+        return {e.step: e for e in self.events(kind="ack") if e.step}
+
+    def unfinished(self) -> list[Event]:
+        """Steps that started but have no outcome: a crash mid-apply (resumed next run)."""
+        rows = self._db.execute(
+            "SELECT s.at, s.kind, s.step, s.result, s.source, s.detail FROM events s "
+            "WHERE s.kind='apply' AND s.result='started' AND NOT EXISTS ("
+            " SELECT 1 FROM events e WHERE e.step = s.step AND e.kind='apply' AND e.id > s.id"
+            " AND e.result IN ('ok','failed'))"
+        ).fetchall()
+        return [
+            Event(datetime.fromisoformat(r[0]), r[1], r[2], r[3], r[4], json.loads(r[5]))
+            for r in rows
+        ]
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        path = self.directory / "apply.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                raise LockedError(
+                    f"another mailrec apply is running (pid {holder}, lock {path})"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)

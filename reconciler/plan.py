@@ -1,0 +1,260 @@
+"""Plan: order the diff's steps so every intermediate world is safe, and mark each one
+ready, gated or refused.
+
+Two passes of the same greedy simulation over the steps in `Rank` order:
+- the *realistic* pass honours gates (time via the clock, acks, observations); the steps it
+  applies are `ready`, in the order it applied them - the safe prefix;
+- the *optimistic* pass assumes every gate opens; a step it still cannot apply safely is
+  `refused` with the findings that block it. Everything else is `gated`: waiting for its own
+  gate or for gated steps before it.
+Each pass simulates a step once per round and checks only what the step can break
+(`safety.check_transition`), so planning grows as n log n with the number of users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from reconciler.context import Context
+from reconciler.findings import Finding, Gate, Severity, subjects_text
+from reconciler.model import DesiredState, Side
+from reconciler.safety import check_transition, check_world
+from reconciler.steps import MoveInbound, MoveOutbound, Step
+from reconciler.world import World
+
+
+class Status(StrEnum):
+    READY = "ready"
+    GATED = "gated"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    step: Step
+    status: Status
+    findings: tuple[Finding, ...] = ()
+    gate: Gate | None = None
+
+    @property
+    def id(self) -> str:
+        return self.step.id
+
+    def reasons(self) -> list[str]:
+        out = [self.gate.message] if self.gate else []
+        out.extend(f.text() for f in self.findings)
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[PlannedStep, ...]
+    findings: tuple[Finding, ...] = ()
+    checksum: str = ""
+    source: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.steps and not self.refusing_findings()
+
+    def refusing_findings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity is Severity.REFUSE]
+
+    def by_status(self, status: Status) -> list[PlannedStep]:
+        return [p for p in self.steps if p.status is status]
+
+    def get(self, step_id: str) -> PlannedStep | None:
+        return next((p for p in self.steps if p.id == step_id), None)
+
+    @property
+    def exit_code(self) -> int:
+        """DESIGN section 4: 0 in sync, 2 changes pending, 3 something refused."""
+        if self.by_status(Status.REFUSED) or self.refusing_findings():
+            return 3
+        return 2 if self.steps else 0
+
+
+@dataclass
+class _PassResult:
+    world: World
+    applied: list[Step] = field(default_factory=list)
+    blocked: dict[str, list[Finding]] = field(default_factory=dict)
+    gated: dict[str, Gate] = field(default_factory=dict)
+
+
+def _run_pass(world: World, steps: Sequence[Step], ctx: Context, honour_gates: bool) -> _PassResult:
+    result = _PassResult(world)
+    pending = list(steps)
+    while pending:
+        progress = False
+        waiting: list[Step] = []
+        for step in pending:
+            after = step.simulate(result.world)
+            found = check_transition(result.world, after, step, ctx)
+            gate = step.gate(result.world, ctx) if honour_gates else None
+            if found:
+                result.blocked[step.id] = found
+            if gate is not None:
+                result.gated[step.id] = gate
+            if found or gate is not None:
+                waiting.append(step)
+                continue
+            result.world = after
+            result.applied.append(step)
+            result.blocked.pop(step.id, None)
+            result.gated.pop(step.id, None)
+            progress = True
+        if not progress:
+            break
+        pending = waiting
+    return result
+
+
+def _bulk_findings(state: DesiredState, steps: Iterable[Step], ctx: Context) -> Finding | None:
+    moved = sorted({s.users[0] for s in steps if isinstance(s, MoveInbound | MoveOutbound)})
+    total = max(len(state.users), 1)
+    allowed = max(1, total * ctx.max_change_pct // 100)
+    if len(moved) <= allowed or ctx.allow_bulk:
+        return None
+    return Finding(
+        "MR011",
+        f"this plan moves {len(moved)} of {total} users ({len(moved) * 100 // total}%), more than "
+        f"max_change_pct {ctx.max_change_pct}% ({allowed} users): {subjects_text(moved)}",
+        tuple(moved[:20]),
+        "move fewer users per commit, or apply with --allow-bulk",
+    )
+
+
+def static_findings(state: DesiredState) -> list[Finding]:
+    """Contradictions inside the desired state itself (MR012), found without observing."""
+    found: list[Finding] = []
+    inbound_onprem = sorted(n for n, u in state.users.items() if u.inbound is Side.ONPREM)
+    outbound_rental = sorted(n for n, u in state.users.items() if u.outbound is Side.RENTAL)
+    if state.dns.mx is Side.RENTAL and inbound_onprem:
+        found.append(
+            Finding(
+                "MR012",
+                f"dns.mx is rental but {subjects_text(inbound_onprem)} are inbound onprem "
+                "(MR003)",
+                tuple(inbound_onprem[:20]),
+                "set dns.mx: onprem until every user is inbound: rental",
+            )
+        )
+    if outbound_rental and inbound_onprem:
+        found.append(
+            Finding(
+                "MR012",
+                f"{subjects_text(outbound_rental)} send via the rental while "
+                f"{subjects_text(inbound_onprem)} are inbound onprem (MR002)",
+                tuple((outbound_rental + inbound_onprem)[:20]),
+                "move outbound only after every user is inbound: rental",
+            )
+        )
+    if state.onprem.state == "retired":
+        if state.dns.mx is not Side.RENTAL:
+            found.append(
+                Finding(
+                    "MR012",
+                    "onprem.state is retired but dns.mx is onprem (MR010)",
+                    ("onprem",),
+                    "set dns.mx: rental first",
+                )
+            )
+        onprem_users = sorted(
+            n for n, u in state.users.items()
+            if Side.ONPREM in (u.inbound, u.outbound)
+        )
+        if onprem_users:
+            found.append(
+                Finding(
+                    "MR012",
+                    f"onprem.state is retired but {subjects_text(onprem_users)} still use onprem",
+                    tuple(onprem_users[:20]),
+                    "move every user to the rental before retiring onprem",
+                )
+            )
+    if state.router and state.router.smtp_route:
+        egress = state.router.smtp_route.egress_ip
+        if outbound_rental and not any(egress in net for net in state.rental.whitelist):
+            found.append(
+                Finding(
+                    "MR012",
+                    f"users send via the rental without auth, but the egress IP {egress} is in no "
+                    "rental.whitelist entry (MR005)",
+                    ("rental.whitelist",),
+                    f"add a CIDR containing {egress} to rental.whitelist",
+                )
+            )
+    return found
+
+
+def _unmanaged_findings(state: DesiredState, world: World) -> list[Finding]:
+    unmanaged = [
+        name for name, facts in world.iter_users()
+        if facts.inbound is Side.ONPREM and name not in state.users
+    ]
+    if not unmanaged:
+        return []
+    return [
+        Finding(
+            "MR015",
+            f"{len(unmanaged)} onprem account(s) are not in the state file: "
+            f"{subjects_text(unmanaged)}; they count as inbound onprem (MR002, MR003)",
+            tuple(unmanaged[:20]),
+            "add them to users: (or remove the accounts)",
+            Severity.WARN,
+        )
+    ]
+
+
+def make_plan(
+    state: DesiredState,
+    world: World,
+    steps: Sequence[Step],
+    ctx: Context,
+    *,
+    checksum: str = "",
+    source: str = "",
+) -> Plan:
+    ordered = sorted(steps, key=lambda s: (s.rank, s.id))
+    plan_findings: list[Finding] = static_findings(state)
+    plan_findings.extend(_unmanaged_findings(state, world))
+    plan_findings.extend(
+        Finding(f.code, f"the observed world already breaks this: {f.message}", f.subjects,
+                f.remedy, Severity.REFUSE)
+        for f in check_world(world, ctx)
+    )
+
+    refused: dict[str, list[Finding]] = {}
+    bulk = _bulk_findings(state, ordered, ctx)
+    if bulk is not None:
+        plan_findings.append(bulk)
+        for step in ordered:
+            if isinstance(step, MoveInbound | MoveOutbound):
+                refused[step.id] = [bulk]
+    candidates = [s for s in ordered if s.id not in refused]
+
+    optimistic = _run_pass(world, candidates, ctx, honour_gates=False)
+    refused.update(optimistic.blocked)
+    feasible = [s for s in candidates if s.id not in optimistic.blocked]
+    realistic = _run_pass(world, feasible, ctx, honour_gates=True)
+
+    planned: list[PlannedStep] = [PlannedStep(s, Status.READY) for s in realistic.applied]
+    applied = {s.id for s in realistic.applied}
+    for step in ordered:
+        if step.id in applied:
+            continue
+        if step.id in refused:
+            planned.append(PlannedStep(step, Status.REFUSED, tuple(refused[step.id])))
+            continue
+        waiting = [
+            Finding(f.code, f"waiting: {f.message}", f.subjects, f.remedy, Severity.GATE)
+            for f in realistic.blocked.get(step.id, [])
+        ]
+        planned.append(
+            PlannedStep(step, Status.GATED, tuple(waiting), realistic.gated.get(step.id))
+        )
+    return Plan(tuple(planned), tuple(plan_findings), checksum, source)
