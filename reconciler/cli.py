@@ -47,7 +47,7 @@ def fail(message: str) -> NoReturn:
 def state_option(func: F) -> F:
     func = click.option(
         "--state", "state_path", type=click.Path(path_type=Path), default=None,
-        help="State file or directory (default: ./state, or the lab's state).",
+        help="State file or directory (default: the lab's state with --lab, else ./state).",
     )(func)
     return click.option(
         "--lab", "lab_dir", type=click.Path(path_type=Path), envvar="MAILREC_LAB", default=None,
@@ -58,8 +58,8 @@ def state_option(func: F) -> F:
 def _resolve_state_path(state_path: Path | None, lab: LabLayout | None) -> Path:
     if state_path is not None:
         return state_path
-    if lab is not None and (lab.root / "state").exists() and not Path(DEFAULT_STATE).exists():
-        return lab.root / "state"
+    if lab is not None and (lab.root / "state").exists():
+        return lab.root / "state"  # `lab init` copied the state there: the lab's own repo
     return Path(DEFAULT_STATE)
 
 
@@ -255,7 +255,8 @@ def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
 def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) -> None:
     """A person confirms a manual step (e.g. outbound/suga: the mail client was changed)."""
     loaded, lab = _load(state_path, lab_dir)
-    _, the_plan = _observe(loaded, lab)
+    # One person confirming one change is never a bulk move (MR011 guards automated moves).
+    _, the_plan = _observe(loaded, lab, allow_bulk=True)
     planned = the_plan.get(step_id)
     if planned is None:
         fail(f"{step_id} is not a step of the current plan (nothing to acknowledge)")

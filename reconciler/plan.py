@@ -92,8 +92,9 @@ def _run_pass(world: World, steps: Sequence[Step], ctx: Context, honour_gates: b
         progress = False
         waiting: list[Step] = []
         for step in pending:
-            after = step.simulate(result.world)
-            found = check_transition(result.world, after, step, ctx)
+            before = result.world if honour_gates else step.open_gate(result.world)
+            after = step.simulate(before)
+            found = check_transition(before, after, step, ctx)
             gate = step.gate(result.world, ctx) if honour_gates else None
             if found:
                 result.blocked[step.id] = found
@@ -250,11 +251,11 @@ def make_plan(
         if step.id in refused:
             planned.append(PlannedStep(step, Status.REFUSED, tuple(refused[step.id])))
             continue
+        gate = realistic.gated.get(step.id)
         waiting = [
             Finding(f.code, f"waiting: {f.message}", f.subjects, f.remedy, Severity.GATE)
             for f in realistic.blocked.get(step.id, [])
+            if gate is None or f.code != gate.code  # the gate already says it
         ]
-        planned.append(
-            PlannedStep(step, Status.GATED, tuple(waiting), realistic.gated.get(step.id))
-        )
+        planned.append(PlannedStep(step, Status.GATED, tuple(waiting), gate))
     return Plan(tuple(planned), tuple(plan_findings), checksum, source)

@@ -77,6 +77,11 @@ class Step:
         """Why this safe step must wait (time, a person, an observation), or None."""
         return None
 
+    def open_gate(self, world: World) -> World:
+        """The world as it will be once this step's gate opens (for the optimistic pass,
+        which asks "is this safe once everything we wait for has happened?")."""
+        return world
+
     def describe(self) -> str:
         raise NotImplementedError
 
@@ -231,6 +236,9 @@ class RemoveOnpremMailbox(Step):
                 code="MR008",
             )
         return None
+
+    def open_gate(self, world: World) -> World:
+        return world.update_user(self.user, onprem_messages=0)  # the user drained it
 
     def describe(self) -> str:
         return f"remove the drained onprem mailbox of {self.user}"
@@ -401,6 +409,18 @@ class SetSpf(Step):
 
     def simulate(self, world: World) -> World:
         return replace(world, dns=replace(world.dns, spf_terms=self.after))
+
+    def gate(self, world: World, ctx: Context) -> Gate | None:
+        if self.retire and not world.onprem.retired:
+            # Onprem may still send (bounces, the relaying days) until it is retired.
+            return Gate("step", "keeps onprem's IP in SPF until onprem/retire is done",
+                        code="MR006")
+        return None
+
+    def open_gate(self, world: World) -> World:
+        if self.retire:
+            return replace(world, onprem=replace(world.onprem, retired=True))
+        return world
 
     def describe(self) -> str:
         return f'SPF "{" ".join(self.before)}" -> "{" ".join(self.after)}"'

@@ -1,0 +1,162 @@
+"""The daemon: reconcile continuously, level-triggered, from a git repo or a state directory.
+
+Each round: fetch the branch (gitpython) or read the directory, then the same `reconcile`
+as `mailrec apply --yes`. It runs on every change of the state (watchfiles or a new commit)
+and at least every `interval` seconds, so drift is repaired and time gates open without
+anyone running a command. Failures are outcomes, not crashes: they are logged, counted in
+the metrics and retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from reconciler import clock
+from reconciler.apply import reconcile
+from reconciler.journal import Journal, LockedError
+from reconciler.lab.layout import LabLayout
+from reconciler.load import LoadedState, StateError, load_from_git, load_state
+from reconciler.plan import Status
+
+log = logging.getLogger("mailrec.daemon")
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.rounds = Counter("mailrec_reconcile_total", "Reconcile rounds", ["result"],
+                              registry=self.registry)
+        self.steps = Gauge("mailrec_plan_steps", "Steps in the latest plan", ["status"],
+                           registry=self.registry)
+        self.applied = Counter("mailrec_steps_applied_total", "Steps applied", ["result"],
+                               registry=self.registry)
+        self.in_sync = Gauge("mailrec_in_sync", "1 when the world equals the desired state",
+                             registry=self.registry)
+        self.last = Gauge("mailrec_last_reconcile_timestamp_seconds",
+                          "When the last round finished", registry=self.registry)
+
+
+class Daemon:
+    def __init__(self, *, repo: str | None, branch: str, subpath: str, interval: float,
+                 lab: LabLayout | None, metrics_port: int | None, allow_bulk: bool) -> None:
+        self.repo, self.branch, self.subpath = repo, branch, subpath
+        self.interval = interval
+        self.lab = lab
+        self.metrics = Metrics()
+        self.metrics_port = metrics_port
+        self.allow_bulk = allow_bulk
+        self.stop = threading.Event()
+        self.failures = 0
+
+    # --- source of the desired state ------------------------------------------------------
+
+    def _checkout(self) -> Path:
+        import git
+
+        assert self.repo is not None
+        base = self.lab.journal_dir if self.lab else Path(".mailrec")
+        target = base / "repo"
+        if not (target / ".git").exists():
+            git.Repo.clone_from(self.repo, target, branch=self.branch)
+        else:
+            repo = git.Repo(target)
+            repo.remotes.origin.fetch(self.branch)
+        return target
+
+    def load(self) -> LoadedState:
+        if self.repo is None:
+            path = Path(self.subpath)
+            if self.lab is not None and not path.exists():
+                path = self.lab.root / "state"
+            return load_state(path)
+        import git
+
+        target = self._checkout()
+        ref = git.Repo(target).remotes.origin.refs[self.branch].commit.hexsha
+        return load_from_git(target, ref, self.subpath)
+
+    # --- one round ---------------------------------------------------------------------------
+
+    def round(self) -> int:
+        from reconciler.drivers.backend import SystemBackend
+
+        try:
+            loaded = self.load()
+        except StateError as exc:
+            log.error("invalid state, nothing applied:\n%s", exc)
+            self.metrics.rounds.labels("invalid").inc()
+            return 1
+        journal = Journal(self.lab.journal_dir if self.lab else loaded.directory / ".mailrec")
+        try:
+            backend = SystemBackend(loaded.state, lab=self.lab, state_dir=loaded.directory)
+            report = reconcile(loaded, backend, journal, clock.now, allow_bulk=self.allow_bulk)
+        except LockedError as exc:
+            log.info("skipped: %s", exc)
+            self.metrics.rounds.labels("locked").inc()
+            return 0
+        except Exception as exc:  # a round's failure is an outcome: log, count, retry later
+            log.error("reconcile failed: %s", exc)
+            self.metrics.rounds.labels("error").inc()
+            return 1
+        finally:
+            journal.close()
+        for outcome in report.outcomes:
+            self.metrics.applied.labels(outcome.result).inc()
+            log.info("%s %s %s", outcome.step, outcome.result, outcome.message)
+        final = report.final
+        assert final is not None
+        for status in Status:
+            self.metrics.steps.labels(str(status)).set(len(final.by_status(status)))
+        self.metrics.in_sync.set(1 if final.in_sync else 0)
+        self.metrics.last.set(clock.now().timestamp())
+        result = "failed" if report.failed else "ok"
+        self.metrics.rounds.labels(result).inc()
+        for planned in final.steps:
+            if planned.status is not Status.READY:
+                log.info("%s %s: %s", planned.id, planned.status, "; ".join(planned.reasons()))
+        return 1 if report.failed else 0
+
+    def _wait(self) -> None:
+        # Back off after failures (up to 8x), so a broken host is not hammered.
+        delay = self.interval * min(2 ** self.failures, 8)
+        if self.repo is None:
+            try:
+                from watchfiles import watch
+
+                path = Path(self.subpath)
+                if self.lab is not None and not path.exists():
+                    path = self.lab.root / "state"
+                for _ in watch(path, stop_event=self.stop, rust_timeout=int(delay * 1000),
+                               yield_on_timeout=True):
+                    return
+            except (ImportError, OSError):
+                pass
+        self.stop.wait(delay)
+
+    def run(self, *, once: bool = False) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        if self.metrics_port is not None:
+            start_http_server(self.metrics_port, addr="127.0.0.1", registry=self.metrics.registry)
+
+        def _stop(signum: int, frame: FrameType | None) -> None:
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        while True:
+            code = self.round()
+            self.failures = self.failures + 1 if code else 0
+            if once or self.stop.is_set():
+                return code
+            self._wait()
+            if self.stop.is_set():
+                return 0

@@ -1,0 +1,176 @@
+"""`make run`: the story of DESIGN.md on the local lab, end to end, with real command output.
+
+It creates a lab from `state/` (everyone onprem), starts the lab's services, then edits the
+lab's copy of the state the way an admin would commit it, and runs `mailrec` after each
+edit: mailboxes and forwarding one user at a time, draining, outbound refused until everyone
+receives at the rental, whitelist and router route, the MX TTL gate, the MX move, and the
+onprem retirement after the quiet period. Time gates are passed with MAILREC_NOW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from reconciler.lab.layout import LabLayout
+
+BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
+
+
+class Demo:
+    def __init__(self, lab: Path, state: Path, color: bool) -> None:
+        self.lab = lab.resolve()
+        self.state = state.resolve()
+        self.color = color
+        self.now = datetime.now(UTC).replace(microsecond=0)
+        self.layout = LabLayout(self.lab)
+
+    def say(self, text: str) -> None:
+        if self.color:
+            print(f"\n{BOLD}== {text}{RESET}", flush=True)
+        else:
+            print(f"\n== {text}", flush=True)
+
+    def mailrec(self, *args: str, expect: int | None = None) -> int:
+        env = {**os.environ, "MAILREC_LAB": str(self.lab), "MAILREC_NOW": self.now.isoformat(),
+               "NO_COLOR": "1"}
+        shown = " ".join(args)
+        print(f"$ mailrec {shown}", flush=True)
+        result = subprocess.run([sys.executable, "-m", "reconciler", *args], env=env,
+                                text=True, capture_output=True, check=False)
+        out = (result.stdout + result.stderr).rstrip()
+        if out:
+            print(re.sub(r"^", "  ", out, flags=re.M), flush=True)
+        print(f"  (exit {result.returncode})", flush=True)
+        if expect is not None and result.returncode != expect:
+            raise SystemExit(f"demo: `mailrec {shown}` exited {result.returncode}, "
+                             f"expected {expect}")
+        return result.returncode
+
+    def set_user(self, name: str, inbound: str | None = None,
+                 outbound: str | None = None) -> None:
+        path = self.lab / "state" / "users.yaml"
+        text = path.read_text()
+        pattern = re.compile(rf"^(\s*{name}:\s*){{inbound: (\w+), outbound: (\w+)}}", re.M)
+        match = pattern.search(text)
+        if not match:
+            raise SystemExit(f"demo: user {name} not found in {path}")
+        new = f"{match.group(1)}{{inbound: {inbound or match.group(2)}, " \
+              f"outbound: {outbound or match.group(3)}}}"
+        path.write_text(text[: match.start()] + new + text[match.end():])
+        print(f"{DIM if self.color else ''}# state/users.yaml: {name} -> inbound "
+              f"{inbound or match.group(2)}, outbound {outbound or match.group(3)}"
+              f"{RESET if self.color else ''}")
+
+    def set_key(self, section: str, key: str, value: str) -> None:
+        path = self.lab / "state" / "mailrec.yaml"
+        text = path.read_text()
+        block = re.search(rf"^{section}:[^\n]*\n((?:[ #].*\n|\n)*)", text, re.M)
+        assert block, section
+        body = block.group(1)
+        new_body = re.sub(rf"^(\s+{key}:\s*)[^#\n]*?(\s*(#.*)?)$", rf"\g<1>{value}\g<2>", body,
+                          count=1, flags=re.M)
+        path.write_text(text[: block.start(1)] + new_body + text[block.end(1):])
+        print(f"# state/mailrec.yaml: {section}.{key} = {value}")
+
+    def drain(self, name: str) -> None:
+        """What the user does by hand: fetch the old mailbox over POP until it is empty."""
+        maildir = self.layout.onprem_home / name / "Maildir"
+        count = 0
+        for sub in ("new", "cur"):
+            for message in (maildir / sub).glob("*") if (maildir / sub).exists() else []:
+                message.unlink()
+                count += 1
+        print(f"# {name} drains the old onprem mailbox over POP ({count} message(s))")
+
+    def later(self, delta: timedelta, why: str) -> None:
+        self.now += delta
+        print(f"# ... {why}: MAILREC_NOW={self.now.isoformat()}")
+
+    def run(self) -> None:
+        users = ["suga", "tanaka", "sato", "suzuki", "takahashi", "watanabe", "ito", "yamamoto"]
+        self.say("A lab of example.co.jp before the migration: 8 users, all onprem")
+        if self.lab.exists():
+            subprocess.run([sys.executable, "-m", "reconciler", "lab", "down", str(self.lab)],
+                           capture_output=True, check=False)
+            shutil.rmtree(self.lab)
+        self.mailrec("lab", "init", str(self.lab), "--state", str(self.state), expect=0)
+        services = self.mailrec("lab", "up", str(self.lab))
+        try:
+            self._walk(users)
+        finally:
+            if services == 0:
+                self.mailrec("lab", "down", str(self.lab))
+
+    def _walk(self, users: list[str]) -> None:
+        self.mailrec("validate", expect=0)
+        self.say("First plan: only the router policy route for tcp/25 is not as desired")
+        self.mailrec("plan", expect=2)
+        self.mailrec("apply", "--yes", expect=0)
+
+        self.say("Commit 1: suga receives at the rental")
+        self.set_user("suga", inbound="rental")
+        self.mailrec("plan", "--format", "markdown", expect=2)
+        self.mailrec("apply", "--yes", expect=2)
+        self.say("suga's old mailbox still holds mail: removing it waits (MR008)")
+        self.drain("suga")
+        self.mailrec("apply", "--yes", expect=0)
+
+        self.say("Commit 2: suga also sends via the rental -- refused, colleagues are onprem")
+        self.set_user("suga", outbound="rental")
+        self.mailrec("plan", expect=3)
+        self.set_user("suga", outbound="onprem")
+
+        self.say("Commit 3: everyone else at once -- more than max_change_pct (MR011)")
+        for name in users[1:]:
+            self.set_user(name, inbound="rental")
+        self.mailrec("plan", expect=3)
+        self.say("The admin confirms the bulk move")
+        self.mailrec("apply", "--yes", "--allow-bulk", expect=2)
+        for name in users[1:]:
+            self.drain(name)
+        self.mailrec("apply", "--yes", expect=0)
+
+        self.say("Commit 4: outbound via the rental: whitelist the office line, SPF first")
+        self.set_key("rental", "whitelist", "[203.0.113.8/29]")
+        for name in users:
+            self.set_user(name, outbound="rental")
+        self.mailrec("apply", "--yes", "--allow-bulk", expect=2)
+        self.say("Each person changes the mail client; the admin records it")
+        for name in users:
+            self.mailrec("ack", f"outbound/{name}", "--note", "client changed", expect=0)
+        self.mailrec("status", expect=0)
+
+        self.say("Commit 5: the MX moves to the rental: the TTL is lowered first (MR004)")
+        self.set_key("dns", "mx", "rental")
+        self.mailrec("apply", "--yes", expect=2)
+        self.mailrec("plan", expect=2)
+        self.later(timedelta(hours=1, minutes=1), "one old TTL later")
+        self.mailrec("apply", "--yes", expect=0)
+
+        self.say("Commit 6: retire onprem -- only after the quiet period (MR010)")
+        self.set_key("onprem", "state", "retired")
+        self.mailrec("plan", expect=2)
+        self.later(timedelta(hours=49), "two quiet days later")
+        self.mailrec("apply", "--yes", expect=0)
+        self.mailrec("plan", "--format", "json", expect=0)
+        self.say("Done: every user at the rental, MX moved, onprem retired; nothing lost or bounced")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lab", type=Path, default=Path("lab"))
+    parser.add_argument("--state", type=Path, default=Path("state"))
+    args = parser.parse_args(argv)
+    Demo(args.lab, args.state, sys.stdout.isatty()).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
