@@ -19,9 +19,12 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/python -m reconciler.demo --lab $(LAB) --state state
 
-## test: lint, type-check, layering contracts and the whole test suite
-test: setup lint
+## test: install the real services (root), lint, type-check, layering, the whole suite
+test: setup services lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+services:
+	./scripts/install-services.sh
 
 lint: setup
 	$(BIN)/ruff check reconciler tests bench

@@ -160,7 +160,8 @@ class Demo:
         self.later(timedelta(hours=49), "two quiet days later")
         self.mailrec("apply", "--yes", expect=0)
         self.mailrec("plan", "--format", "json", expect=0)
-        self.say("Done: every user at the rental, MX moved, onprem retired; nothing lost or bounced")
+        self.say("Done: every user at the rental, MX moved, onprem retired; "
+                 "nothing lost or bounced")
 
 
 def main(argv: list[str] | None = None) -> int:

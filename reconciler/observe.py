@@ -90,7 +90,8 @@ def build_world(
             )
         )
     onprem_mx, rental_mx = state.onprem.mx_host, state.rental.mx_host
-    mx_side = {(onprem_mx,): Side.ONPREM, (rental_mx,): Side.RENTAL}.get(dns.mx_hosts)
+    sides: dict[tuple[str, ...], Side] = {(onprem_mx,): Side.ONPREM, (rental_mx,): Side.RENTAL}
+    mx_side = sides.get(dns.mx_hosts)
     return World.build(
         users,
         onprem=OnpremFacts(

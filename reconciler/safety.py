@@ -80,7 +80,9 @@ def user_findings(name: str, facts: UserFacts, world: World, ctx: Context) -> li
     return found
 
 
-def global_findings(world: World, ctx: Context, codes: Iterable[str] = GLOBAL_CODES) -> list[Finding]:
+def global_findings(
+    world: World, ctx: Context, codes: Iterable[str] = GLOBAL_CODES
+) -> list[Finding]:
     wanted = frozenset(codes)
     counts = world.counts
     found: list[Finding] = []
@@ -124,9 +126,8 @@ def global_findings(world: World, ctx: Context, codes: Iterable[str] = GLOBAL_CO
             found.append(
                 Finding(
                     "MR005",
-                    f"{counts.outbound_rental} user(s) send via the rental on port {ctx.relay_port}, "
-                    f"but the router does not "
-                    f"route tcp/25 through {ctx.smtp_gateway} (now: {gateway or 'no policy'})",
+                    f"{counts.outbound_rental} user(s) send via the rental on port "
+                    f"{ctx.relay_port}, but the router does not route tcp/25 through {ctx.smtp_gateway} (now: {gateway or 'no policy'})",
                     ("router/route/default",),
                     f"apply router/filter/{ctx.smtp_filter} and router/route/default first",
                 )
@@ -291,7 +292,9 @@ def check_world(world: World, ctx: Context) -> list[Finding]:
     return found
 
 
-def check_transition(before: World, after: World, step: Transition, ctx: Context) -> list[Finding]:
+def check_transition(
+    before: World, after: World, step: Transition, ctx: Context
+) -> list[Finding]:
     """Findings a step would cause: the per-user rules for the users it touches, and the
     global rules it can affect, evaluated on the world after it."""
     found: list[Finding] = []

@@ -74,7 +74,9 @@ class LabOnprem:
             main_cf = parse_main_cf((self._etc / "main.cf").read_text())
             passwd = parse_passwd(self._passwd_path().read_text())
         except FileNotFoundError as exc:
-            raise PostfixError(f"lab onprem: {exc.filename} is missing (run mailrec lab init)")
+            raise PostfixError(
+                f"lab onprem: {exc.filename} is missing (run mailrec lab init)"
+            ) from None
         transport = parse_map(self._read(TRANSPORT_MAP))
         recipients = parse_map(self._read(RECIPIENT_MAP))
         accounts = {

@@ -9,7 +9,7 @@ planner's two router steps (filter, default route) onto it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from reconciler.drivers.lab_onprem import write_atomic
 from reconciler.drivers.rtx.config import RtxConfig
@@ -57,7 +57,7 @@ class LabRouter:
     def __init__(self, layout: LabLayout) -> None:
         self.layout = layout
 
-    def _ssh(self) -> object | None:
+    def _ssh(self) -> Any:
         address = self.layout.read_services().get("rtx_ssh")
         if not address:
             return None
@@ -71,17 +71,17 @@ class LabRouter:
     def observe(self) -> RouterFacts:
         driver = self._ssh()
         if driver is not None:
-            config, _ = driver.observe()  # type: ignore[attr-defined]
+            config, _ = driver.observe()
             return world_facts(config)
         return world_facts(self._config())
 
     def apply_step(self, step: Step, state: DesiredState) -> None:
         driver = self._ssh()
         if driver is not None:
-            config, _ = driver.observe()  # type: ignore[attr-defined]
+            config, _ = driver.observe()
             commands = commands_for(step, config, state)
             if commands:
-                driver.apply(commands)  # type: ignore[attr-defined]
+                driver.apply(commands)
             return
         config = self._config()
         for command in commands_for(step, config, state):

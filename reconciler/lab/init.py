@@ -31,7 +31,9 @@ from reconciler.model import DesiredState, Side
 TEMPLATES = Path(__file__).with_name("templates")
 
 # Loopback addresses of the lab's hosts (DESIGN: each lab host its own address).
-ADDRESSES = {"onprem": "127.0.0.2", "rental": "127.0.0.3", "dns": "127.0.0.4", "router": "127.0.0.7"}
+ADDRESSES = {
+    "onprem": "127.0.0.2", "rental": "127.0.0.3", "dns": "127.0.0.4", "router": "127.0.0.7",
+}
 
 
 class LabInitError(RuntimeError):

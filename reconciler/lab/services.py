@@ -152,6 +152,8 @@ def lab_rtx_driver(layout: LabLayout, address: str) -> Any:
     from reconciler.drivers.rtx.driver import RtxDriver
 
     host, _, port = address.rpartition(":")
-    read = lambda name: (layout.router_dir / name).read_text().strip()  # noqa: E731
+    def read(name: str) -> str:
+        return (layout.router_dir / name).read_text().strip()
+
     return RtxDriver(host, int(port), "admin", read("login.secret"), read("admin.secret"),
                      str(layout.router_dir / "known_hosts"))
