@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -26,6 +28,8 @@ from reconciler.load import LoadedState, StateError, load_from_git, load_state
 from reconciler.plan import Status
 
 log = logging.getLogger("mailrec.daemon")
+
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 @dataclass
@@ -150,13 +154,23 @@ class Daemon:
         def _stop(signum: int, frame: FrameType | None) -> None:
             self.stop.set()
 
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        while True:
-            code = self.round()
-            self.failures = self.failures + 1 if code else 0
-            if once or self.stop.is_set():
-                return code
-            self._wait()
-            if self.stop.is_set():
-                return 0
+        # Signal handlers can only be set in the main thread; a daemon run in another thread
+        # (an embedding service, the tests) is stopped with `stop.set()` instead. The previous
+        # handlers come back when run() returns.
+        previous: list[tuple[signal.Signals, _Handler]] = []
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous.append((signum, signal.signal(signum, _stop)))
+        try:
+            while True:
+                code = self.round()
+                self.failures = self.failures + 1 if code else 0
+                if once or self.stop.is_set():
+                    return code
+                self._wait()
+                if self.stop.is_set():
+                    return 0
+        finally:
+            for signum, handler in previous:
+                if handler is not None:  # None: a handler not set from Python
+                    signal.signal(signum, handler)

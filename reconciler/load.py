@@ -6,19 +6,23 @@ Nothing is changed anywhere when loading fails: the CLI exits 1 before observing
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import types
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.constructor import DuplicateKeyError
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 
-from reconciler.model import DesiredState
+from reconciler.model import FIELD_ERROR, DesiredState
 
 
 @dataclass(frozen=True)
@@ -73,17 +77,55 @@ def _parse(text: str, name: str) -> Any:
     try:
         return _yaml().load(text)
     except DuplicateKeyError as exc:
+        # Never show ruamel's message: it quotes both values, and the value may be a secret.
         mark = exc.problem_mark
         line = mark.line + 1 if mark else 0
         col = mark.column + 1 if mark else 0
-        raise StateError([Problem(name, line, col, "", f"duplicate key: {exc.problem}")]) from None
+        path, first = _duplicate_key(text, mark.line, mark.column) if mark else ([], 0)
+        key = path[-1] if path else "?"
+        also = f" (first defined at line {first})" if first else ""
+        raise StateError([Problem(name, line, col, ".".join(path),
+                                  f"duplicate key {key!r}{also}")]) from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
         col = mark.column + 1 if mark else 0
-        raise StateError(
-            [Problem(name, line, col, "", f"YAML syntax: {exc.problem or exc.context}")]
-        ) from None
+        problem = exc.problem or exc.context or "invalid YAML"
+        if "'\\t'" in problem:
+            problem = "a tab character: YAML indents with spaces, never tabs"
+        raise StateError([Problem(name, line, col, "", f"YAML syntax: {problem}")]) from None
+    except YAMLError as exc:  # unmarked errors (e.g. bad encoding); keep the source out of it
+        raise StateError([Problem(name, 0, 0, "", f"YAML: {type(exc).__name__}")]) from None
+
+
+def _duplicate_key(text: str, line: int, column: int) -> tuple[list[str], int]:
+    """The dotted path of the duplicated key at (line, column), 0-based, and the 1-based line
+    of its first definition (0 if not found)."""
+    try:
+        root = _yaml().compose(text)
+    except YAMLError:
+        return [], 0
+
+    def walk(node: Node | None, path: list[str]) -> tuple[list[str], int] | None:
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                mark = key.start_mark
+                if mark.line == line and mark.column == column:
+                    first = next(
+                        (k.start_mark.line + 1 for k, _ in node.value if k.value == key.value), 0
+                    )
+                    return [*path, str(key.value)], first
+                found = walk(value, [*path, str(key.value)])
+                if found is not None:
+                    return found
+        elif isinstance(node, SequenceNode):
+            for index, item in enumerate(node.value):
+                found = walk(item, [*path, str(index)])
+                if found is not None:
+                    return found
+        return None
+
+    return walk(root, []) or ([], 0)
 
 
 def _position(doc: Any, loc: Iterable[Any]) -> tuple[int, int]:
@@ -104,29 +146,97 @@ def _position(doc: Any, loc: Iterable[Any]) -> tuple[int, int]:
     return line, col
 
 
-def _hint(key: str) -> str:
+def _model_at(loc: Iterable[Any]) -> type[BaseModel] | None:
+    """The model class whose keys are valid at `loc` (a path into DesiredState), if any."""
+    current: Any = DesiredState
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = _unwrap(field.annotation)
+        # dict[str, Model] / list[Model]: the next part is a key or an index.
+        origin = typing.get_origin(current)
+        if origin in (dict, list):
+            if not parts:
+                return None
+            parts.pop(0)
+            current = _unwrap(typing.get_args(current)[-1])
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return current
+    return None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """`Model | None` -> Model (the model member of a union, if any)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if models else (members[0] if len(members) == 1 else annotation)
+    return annotation
+
+
+def _all_paths(model: type[BaseModel], prefix: str = "") -> dict[str, str]:
+    """Every key the schema knows, as key -> dotted path (for "did you mean" across sections)."""
+    paths: dict[str, str] = {}
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        paths.setdefault(name, dotted)
+        inner = _unwrap(field.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            for key, path in _all_paths(inner, f"{dotted}.").items():
+                paths.setdefault(key, path)
+    return paths
+
+
+def _hint(key: str, parent: Iterable[Any] = ()) -> str:
     if key in _KEY_HINTS:
         return f" (did you mean {_KEY_HINTS[key]!r}?)"
-    return ""
+    model = _model_at(parent)
+    if model is None:
+        return ""
+    known = list(model.model_fields)
+    normal = key.lower().replace("-", "_").strip()
+    if normal in known:
+        return f" (did you mean {normal!r}?)"
+    close = difflib.get_close_matches(normal, known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    elsewhere = _all_paths(DesiredState).get(normal)
+    if elsewhere and "." in elsewhere:
+        return f" (did you mean {elsewhere!r}? it belongs in that section)"
+    return f" (known keys here: {', '.join(known)})"
 
 
 def _problems(exc: ValidationError, sources: dict[str, tuple[str, Any]]) -> list[Problem]:
     problems = []
     for error in exc.errors():
         loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        ctx = error.get("ctx") or {}
+        if error["type"] == FIELD_ERROR and ctx.get("field"):
+            loc.append(ctx["field"])  # a model check blaming one of its fields
+        is_key = bool(loc) and loc[-1] == "[key]"
+        if is_key:
+            loc.pop()
         top = str(loc[0]) if loc else ""
         name, doc = sources.get(top, next(iter(sources.values()), ("<state>", None)))
         line, col = _position(doc, loc) if doc is not None else (0, 0)
         field = ".".join(str(p) for p in loc)
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = f"unknown key {loc[-1]!r}{_hint(str(loc[-1]))}"
+            message = f"unknown key {loc[-1]!r}{_hint(str(loc[-1]), loc[:-1])}"
         elif error["type"] == "missing":
             message = "required field is missing"
-        if field == "users" and message.startswith("user name ") and doc is not None:
-            # Point at the offending entry, not at `users:`.
-            bad = message.split("'")[1] if "'" in message else ""
-            line, col = _position(doc, ["users", bad])
+        elif loc == ["version"]:
+            message = f"unsupported version {error['input']!r}: this mailrec reads version: 1"
+        elif is_key and loc[:1] == ["users"] and len(loc) == 2:
+            value = error["input"]
+            kind = ("true/false" if isinstance(value, bool) else
+                    "number" if isinstance(value, int | float) else type(value).__name__)
+            message = f"user name {value!r} was read as a {kind}, not text: put it in quotes"
         problems.append(Problem(name, line, col, field, message))
     return problems
 
@@ -147,14 +257,19 @@ def load_texts(texts: list[tuple[str, str]]) -> tuple[DesiredState, str]:
         if doc is None:
             continue
         if not isinstance(doc, CommentedMap):
-            problems.append(Problem(name, 1, 1, "", "the top level must be a mapping of keys"))
+            what = "a list" if isinstance(doc, CommentedSeq) else f"a {type(doc).__name__}"
+            problems.append(Problem(name, 1, 1, "", f"the top level must be a mapping of keys "
+                                                    f"(version: 1, domain: ...), not {what}"))
             continue
         for key in doc:
-            if key in merged:
+            if str(key) in merged:
                 line = doc.lc.key(key)[0] + 1
-                first = sources[key][0]
+                first, first_doc = sources[str(key)]
+                first_line = first_doc.lc.key(key)[0] + 1
                 problems.append(
-                    Problem(name, line, 1, str(key), f"defined twice (also in {first})")
+                    Problem(name, line, 1, str(key),
+                            f"top-level key defined twice (also in {first}:{first_line}); "
+                            "each top-level key belongs in exactly one file")
                 )
                 continue
             merged[str(key)] = doc[key]
@@ -162,8 +277,10 @@ def load_texts(texts: list[tuple[str, str]]) -> tuple[DesiredState, str]:
     if problems:
         raise StateError(problems)
     if not merged:
-        raise StateError([Problem(texts[0][0] if texts else "<state>", 0, 0, "",
-                                  "no desired state found (empty)")])
+        raise StateError([Problem(texts[0][0] if texts else "<state>", 1 if texts else 0,
+                                  1 if texts else 0, "",
+                                  "no desired state found: the file is empty (a state needs "
+                                  "version, domain, onprem, rental and dns)")])
     try:
         state = DesiredState.model_validate(_plain(merged))
     except ValidationError as exc:

@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 # A user name reaches Postfix maps, SMTP commands and remote shells: allow only what is
 # safe as a mail local part *and* as an unquoted shell word.
@@ -33,6 +34,16 @@ DURATION_RE = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
 GATEWAY_IFACE_RE = re.compile(
     r"^(?:pp \d{1,3}|tunnel \d{1,4}|dhcp lan\d|lan\d(?:/\d+)?|pp anonymous|null|loopback)$"
 )
+
+
+# Error type of `field_error`: `load.py` adds ctx["field"] to the error's location, so a check
+# made on a whole section still points at the line of the field it blames.
+FIELD_ERROR = "field_error"
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """A validation error of a section that blames one of its keys (by name)."""
+    return PydanticCustomError(FIELD_ERROR, "{message}", {"message": message, "field": field})
 
 
 class Side(StrEnum):
@@ -79,12 +90,20 @@ def _host(value: str) -> str:
 
 
 def _secret(value: str) -> str:
-    if not SECRET_RE.match(value):
+    # The messages never repeat the value: it may be the secret itself, written inline.
+    if SECRET_RE.match(value):
+        return value
+    if value.startswith("env:"):
         raise ValueError(
-            "secrets are never written inline: give env:NAME (an environment variable) "
-            "or file:/absolute/path (a file readable only by mailrec)"
+            "env: needs an environment variable name (letters, digits and '_', not starting "
+            "with a digit), e.g. env:RTX_ADMIN"
         )
-    return value
+    if value.startswith("file:"):
+        raise ValueError("file: needs an absolute path, e.g. file:/etc/mailrec/tsig")
+    raise ValueError(
+        "secrets are never written inline: give env:NAME (an environment variable) "
+        "or file:/absolute/path (a file readable only by mailrec)"
+    )
 
 
 def _cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -185,8 +204,12 @@ class Connect(StrictModel):
             text,
         )
         if not match:
+            # Never echo a password someone put into the URL (ssh://user:PASSWORD@host).
+            shown = re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", text)
+            hint = (" (no password in the URL: use router.password / admin_password with "
+                    "env:NAME or file:PATH)" if shown != text else "")
             raise ValueError(
-                f"{text!r} is not a connection: use ssh://user@host:port or local:/"
+                f"{shown!r} is not a connection: use ssh://user@host:port or local:/{hint}"
             )
         host = match.group("host").strip("[]")
         port = int(match.group("port") or 22)
@@ -318,11 +341,19 @@ class Dns(StrictModel):
     @model_validator(mode="after")
     def _ttls(self) -> Dns:
         if self.cutover_ttl > self.ttl:
-            raise ValueError(
-                f"cutover_ttl ({self.cutover_ttl}) must not exceed ttl ({self.ttl})"
+            raise field_error(
+                "cutover_ttl",
+                f"cutover_ttl ({self.cutover_ttl}) must not exceed ttl ({self.ttl}): it is the "
+                "TTL the MX is lowered to before it moves",
             )
-        if self.provider == "rfc2136" and (self.server is None or self.tsig is None):
-            raise ValueError("provider rfc2136 needs server and tsig")
+        if self.provider == "rfc2136" and self.server is None:
+            raise field_error(
+                "server", "required with provider rfc2136 (host:port of the primary DNS server)"
+            )
+        if self.provider == "rfc2136" and self.tsig is None:
+            raise field_error(
+                "tsig", "required with provider rfc2136 ({name, algorithm, secret: env:NAME})"
+            )
         return self
 
 
@@ -335,7 +366,11 @@ class SmtpRoute(StrictModel):
     @model_validator(mode="after")
     def _distinct(self) -> SmtpRoute:
         if self.gateway == self.otherwise:
-            raise ValueError("gateway and otherwise are the same: the policy route would do nothing")
+            raise field_error(
+                "otherwise",
+                f"gateway and otherwise are both {self.gateway!r}: the policy route would do "
+                "nothing (otherwise is the gateway for everything but tcp/25)",
+            )
         return self
 
 
@@ -380,10 +415,11 @@ class DesiredState(StrictModel):
     def _user_names(cls, value: dict[str, User]) -> dict[str, User]:
         for name in value:
             if not isinstance(name, str) or not USER_NAME_RE.match(name):
-                raise ValueError(
+                raise field_error(
+                    str(name),
                     f"user name {name!r} is not allowed: lower-case letters, digits, '.', '_' "
                     "and '-', starting with a letter or digit (safe as a mail local part "
-                    "and a shell word)"
+                    "and a shell word)",
                 )
         return value
 

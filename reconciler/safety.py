@@ -127,7 +127,8 @@ def global_findings(
                 Finding(
                     "MR005",
                     f"{counts.outbound_rental} user(s) send via the rental on port "
-                    f"{ctx.relay_port}, but the router does not route tcp/25 through {ctx.smtp_gateway} (now: {gateway or 'no policy'})",
+                    f"{ctx.relay_port}, but the router does not route tcp/25 through "
+                    f"{ctx.smtp_gateway} (now: {gateway or 'no policy'})",
                     ("router/route/default",),
                     f"apply router/filter/{ctx.smtp_filter} and router/route/default first",
                 )

@@ -16,17 +16,22 @@ from pathlib import Path
 import dns.exception
 import dns.message
 import dns.name
-import dns.rdata
-import dns.rdataset
 import dns.query
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
+import dns.rdataset
 import dns.rdatatype
 import dns.resolver
 import dns.rrset
+import dns.tsig
 import dns.tsigkeyring
 import dns.update
 import dns.zone
+
+_PREREQUISITE_FAILED = (
+    dns.rcode.NXRRSET, dns.rcode.YXRRSET, dns.rcode.NXDOMAIN, dns.rcode.YXDOMAIN
+)
 
 
 class DnsError(RuntimeError):
@@ -100,8 +105,9 @@ class ZoneFileDns:
     def _write(self, zone: dns.zone.Zone) -> None:
         soa = zone.find_rdataset(self.origin, dns.rdatatype.SOA)
         old = soa[0]
-        soa.update(
-            dns.rdataset.from_rdata(soa.ttl, old.replace(serial=(old.serial + 1) % 2**32))
+        zone.replace_rdataset(
+            self.origin,
+            dns.rdataset.from_rdata(soa.ttl, old.replace(serial=(old.serial + 1) % 2**32)),
         )
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".zone.")
         try:
@@ -177,15 +183,30 @@ class Rfc2136Dns:
         )
 
     def _send(self, update: dns.update.UpdateMessage, what: str) -> None:
+        where = f"{self.server}:{self.port}"
         try:
             response = dns.query.tcp(update, self.server, port=self.port, timeout=self.timeout)
-        except (OSError, dns.exception.DNSException) as exc:
-            raise DnsError(f"update of {what} at {self.server}:{self.port}: {exc}") from exc
-        if response.rcode() != dns.rcode.NOERROR:
+        except dns.tsig.PeerError as exc:
             raise DnsError(
-                f"update of {what} refused by {self.server}:{self.port}: "
-                f"{dns.rcode.to_text(response.rcode())} (changed meanwhile, or key not allowed)"
-            )
+                f"update of {what} at {where} refused: the server rejected TSIG key "
+                f"{self.key_name} ({exc}; wrong secret, unknown key name or algorithm, or "
+                "clock skew); nothing changed"
+            ) from exc
+        except (OSError, dns.exception.DNSException) as exc:
+            raise DnsError(f"update of {what} at {where}: {exc}") from exc
+        rcode = response.rcode()
+        if rcode == dns.rcode.NOERROR:
+            return
+        if rcode in _PREREQUISITE_FAILED:
+            why = "the record changed since mailrec read it (prerequisite failed); observe again"
+        elif rcode in (dns.rcode.REFUSED, dns.rcode.NOTAUTH):
+            why = f"key {self.key_name} may not update {self.origin} here (update-policy)"
+        else:
+            why = "the server could not apply the update"
+        raise DnsError(
+            f"update of {what} refused by {where}: {dns.rcode.to_text(rcode)}: {why}; "
+            "nothing changed"
+        )
 
     def _update(self) -> dns.update.UpdateMessage:
         return dns.update.UpdateMessage(
@@ -202,7 +223,9 @@ class Rfc2136Dns:
         if current is None:
             update.absent(self.origin, rdtype)
         else:
-            update.present(self.origin, dns.rdataset.from_rdata_list(current.ttl, list(current)))
+            # Value-dependent prerequisite: the rdatas with TTL 0 (RFC 2136 2.4.2; BIND
+            # answers FORMERR to a prerequisite with a TTL).
+            update.present(self.origin, *list(current))
         return update, current
 
     def set_mx(self, hosts: tuple[str, ...], ttl: int) -> None:
@@ -222,7 +245,9 @@ class Rfc2136Dns:
 
     def set_spf(self, terms: tuple[str, ...], ttl: int) -> None:
         update, current = self._guarded(dns.rdatatype.TXT)
-        keep = [r for r in current if not _txt_text(r).lower().startswith("v=spf1")] if current else []
+        keep = [
+            r for r in current or () if not _txt_text(r).lower().startswith("v=spf1")
+        ]
         keep.append(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, _spf_rdata(terms)))
         update.replace(self.origin, ttl, *keep)
         self._send(update, "SPF TXT")

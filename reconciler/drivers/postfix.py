@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from reconciler.model import USER_NAME_RE
@@ -25,10 +25,20 @@ MIN_UID, MAX_UID = 1000, 59999  # Debian's range for people; system accounts sta
 
 _SYSLOG_TS = re.compile(r"^(?P<mon>[A-Z][a-z]{2}) +(?P<day>\d{1,2}) (?P<time>\d\d:\d\d:\d\d) ")
 _ISO_TS = re.compile(r"^(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?) ")
-_MONTHS = {m: i for i, m in enumerate(
-    "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1)}
-# A message handed on (delivered locally or relayed) or accepted from a client.
-_MAIL_EVENT = re.compile(r"postfix/\S+\[\d+\]: [0-9A-Za-z]+: (?:to=<[^>]*>.*status=sent|client=)")
+_SYSLOG_SLACK = timedelta(days=1)
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"],
+        start=1,
+    )
+}
+# A message accepted from a client, or a delivery attempt: handed on (sent), still queued for
+# a retry (deferred: onprem still holds it) or returned (bounced). Not a rejected RCPT.
+_MAIL_EVENT = re.compile(
+    r"postfix[^/\s]*/\S+\[\d+\]: [0-9A-Za-z]+: "
+    r"(?:to=<[^>]*>.*status=(?:sent|deferred|bounced)|client=)"
+)
 
 
 class PostfixError(RuntimeError):
@@ -60,8 +70,14 @@ def set_main_cf(text: str, name: str, value: str) -> str:
     skipping = False
     replaced = False
     for line in lines:
-        if skipping and line[:1] in (" ", "\t") and line.strip():
-            continue
+        if skipping:
+            if line[:1] in (" ", "\t") and line.strip() and not line.lstrip().startswith("#"):
+                continue  # a continuation line of the value being replaced
+            if not line.strip() or line.lstrip().startswith("#"):
+                # Postfix skips blank and comment lines inside a multi-line value: keep
+                # them, and keep dropping the old value's continuation lines after them.
+                out.append(line)
+                continue
         skipping = False
         if re.match(rf"^{re.escape(name)}\s*=", line):
             out.append(f"{name} = {value}")
@@ -80,8 +96,10 @@ def parse_map(text: str) -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        key, _, value = line.partition(" ") if " " in line else line.partition("\t")
-        entries[key.strip().lower()] = value.strip()
+        # Key and value are separated by the first run of whitespace (`postmap -s` prints a
+        # tab); the value may itself hold spaces ("a@x, b@y").
+        key, *value = line.split(None, 1)
+        entries[key.lower()] = value[0].strip() if value else ""
     return entries
 
 
@@ -116,20 +134,22 @@ def _log_time(line: str, now: datetime) -> datetime | None:
     if not match or match.group("mon") not in _MONTHS:
         return None
     hour, minute, second = map(int, match.group("time").split(":"))
-    # Classic syslog has no year: take the latest one that is not in the future.
-    for year in (now.year, now.year - 1):
+    # Classic syslog has neither year nor zone: the stamp is the host's local time, read here
+    # as UTC. Take the latest year that puts it no more than a day after `now` (local time is
+    # up to 14 h ahead of UTC: a line logged an hour ago in Tokyo must not land a year back).
+    for year in (now.year + 1, now.year, now.year - 1):
         try:
             stamp = datetime(year, _MONTHS[match.group("mon")], int(match.group("day")),
                              hour, minute, second, tzinfo=UTC)
         except ValueError:
             continue
-        if stamp <= now:
+        if stamp <= now + _SYSLOG_SLACK:
             return stamp
     return None
 
 
 def last_mail_seen(log_text: str, now: datetime) -> datetime | None:
-    """The newest delivery, relay or client connection Postfix logged (MR010)."""
+    """The newest message Postfix accepted, delivered, relayed or still retries (MR010)."""
     for line in reversed(log_text.splitlines()):
         if _MAIL_EVENT.search(line):
             stamp = _log_time(line, now)
