@@ -1,0 +1,801 @@
+"""The `ssh` rental provider: a hosted server you control (a VPS running Postfix with virtual
+mailboxes and Dovecot), driven over one SSH connection.
+
+Sits between the executor and `reconciler.transport`: the executor calls `observe()` and the
+change methods; this module turns them into argv commands and atomic file writes on the VPS.
+Everything it reads is parsed by the pure functions at the top (tested against real output).
+
+Files it owns on the VPS (paths are options, see docs/providers/ssh.md):
+- the virtual mailbox map source (`virtual_mailbox_maps`), one `user@domain  domain/user/` line
+  per mailbox, compiled with `postmap`;
+- the Dovecot passwd-file, one `user@domain:{SHA512-CRYPT}...:uid:gid::maildir::` line each;
+- the mynetworks file: the no-auth relay whitelist, referenced from main.cf `mynetworks`.
+Every change is: write (temp file + rename, previous kept as `.bak`), `postmap`,
+`postfix check`, `postfix reload`, observe again; a failed check restores the previous file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import posixpath
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar, Final
+
+from reconciler.drivers.rental.base import (
+    Capability,
+    IpNetwork,
+    ProviderContext,
+    ProviderError,
+    RentalProvider,
+    RentalSnapshot,
+)
+from reconciler.model import SECRET_RE, USER_NAME_RE, Connect, Rental
+from reconciler.transport import (
+    Transport,
+    TransportError,
+    UnsafePathError,
+    open_transport,
+    safe_path,
+)
+
+log = logging.getLogger(__name__)
+
+DOMAIN_RE: Final = re.compile(
+    r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]+$"
+)
+_OWNER_RE: Final = re.compile(r"^(\d{1,10}):(\d{1,10})$")
+_STATIC_RE: Final = re.compile(r"^static:(\d{1,10})$")
+_HASH_RE: Final = re.compile(r"^\{SHA512-CRYPT\}\$6\$[A-Za-z0-9./$]+$")
+# Map types `postmap` compiles; texthash is read directly (reload picks it up).
+_INDEXED_TYPES: Final = frozenset({"hash", "btree", "lmdb", "cdb", "dbm", "sdbm"})
+# A whitelist entry wider than this turns the VPS into a relay for a good part of the Internet.
+_MIN_PREFIX: Final = {4: 8, 6: 32}
+_POSTCONF_PARAMS: Final = (
+    "virtual_mailbox_domains",
+    "virtual_mailbox_maps",
+    "virtual_mailbox_base",
+    "mynetworks",
+    "virtual_uid_maps",
+    "virtual_gid_maps",
+)
+_MYNETWORKS_HEADER: Final = (
+    "# Managed by mailrec (rental.whitelist in the state repository): hosts allowed to\n"
+    "# relay through this server on port 25 without authentication. Edits are overwritten.\n"
+)
+
+OPTION_DEFAULTS: Final[Mapping[str, str | None]] = {
+    "connect": None,
+    "known_hosts": None,
+    "key_file": None,
+    "password": None,
+    "postfix_dir": "/etc/postfix",
+    "virtual_mailbox_maps": None,  # default <postfix_dir>/vmailbox
+    "dovecot_passwd": "/etc/dovecot/users",
+    "mail_root": "/var/mail/vhosts",
+    "mynetworks_file": None,  # default <postfix_dir>/mynetworks
+    "password_dir": "/var/lib/mailrec/initial-passwords",
+    "mail_owner": None,  # uid:gid; default from main.cf virtual_uid_maps/virtual_gid_maps
+}
+
+
+# --- pure parsing / rendering (no I/O) --------------------------------------------------
+
+
+def parse_postconf(text: str) -> dict[str, str]:
+    """`postconf` output (`name = value` lines) as a dict."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            values[name.strip()] = value.strip()
+    return values
+
+
+def split_list(value: str) -> list[str]:
+    """A Postfix list parameter: items separated by commas and/or whitespace."""
+    return [item for item in re.split(r"[\s,]+", value) if item]
+
+
+def _logical_lines(text: str) -> list[list[str]]:
+    """Postfix table-source lines: a line starting with whitespace continues the previous one."""
+    entries: list[list[str]] = []
+    for line in text.splitlines():
+        if line[:1].isspace() and line.strip() and entries and not entries[-1][0].startswith("#"):
+            entries[-1].append(line)
+        else:
+            entries.append([line])
+    return entries
+
+
+def parse_map_source(text: str) -> dict[str, str]:
+    """A `postmap` source file (`key value` lines, `#` comments) as a dict."""
+    result: dict[str, str] = {}
+    for entry in _logical_lines(text):
+        joined = " ".join(part.strip() for part in entry).strip()
+        if not joined or joined.startswith("#"):
+            continue
+        fields = joined.split(None, 1)
+        result[fields[0].lower()] = fields[1].strip() if len(fields) > 1 else ""
+    return result
+
+
+def map_source_with(text: str, key: str, value: str) -> str:
+    """The map source with `key` set to `value` (added at the end, other lines kept as is)."""
+    kept = map_source_without(text, key)
+    if kept and not kept.endswith("\n"):
+        kept += "\n"
+    return f"{kept}{key}\t{value}\n"
+
+
+def map_source_without(text: str, key: str) -> str:
+    out: list[str] = []
+    for entry in _logical_lines(text):
+        first = entry[0].strip()
+        if first and not first.startswith("#") and first.split()[0].lower() == key.lower():
+            continue
+        out.extend(entry)
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def parse_passwd_users(text: str) -> set[str]:
+    """User names (first field) of a Dovecot passwd-file; never keeps the hashes."""
+    users: set[str] = set()
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and ":" in line:
+            users.add(line.split(":", 1)[0].lower())
+    return users
+
+
+def passwd_without(text: str, user: str) -> str:
+    lines = [
+        line
+        for line in text.splitlines()
+        if line.split(":", 1)[0].strip().lower() != user.lower() or line.lstrip().startswith("#")
+    ]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def passwd_with(text: str, line: str) -> str:
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text + line + "\n"
+
+
+def parse_network(token: str) -> IpNetwork:
+    """A Postfix network pattern (`192.0.2.0/24`, `[2001:db8::]/32`, `192.0.2.1`)."""
+    address, sep, prefix = token.partition("/")
+    address = address.strip("[]")
+    return ipaddress.ip_network(f"{address}{sep}{prefix}", strict=True)
+
+
+def parse_mynetworks(text: str) -> tuple[frozenset[IpNetwork], tuple[str, ...]]:
+    """The networks in a mynetworks file, and the tokens that are not networks."""
+    networks: set[IpNetwork] = set()
+    other: list[str] = []
+    for line in text.splitlines():
+        for token in split_list(line.split("#", 1)[0]):
+            try:
+                networks.add(parse_network(token))
+            except ValueError:
+                other.append(token)
+    return frozenset(networks), tuple(other)
+
+
+def postfix_network(network: IpNetwork) -> str:
+    # Postfix wants IPv6 networks in brackets in mynetworks.
+    if network.version == 6:
+        return f"[{network.network_address}]/{network.prefixlen}"
+    return str(network)
+
+
+def render_mynetworks(networks: Iterable[IpNetwork]) -> str:
+    ordered = sorted(networks, key=lambda n: (n.version, n.network_address, n.prefixlen))
+    return _MYNETWORKS_HEADER + "".join(f"{postfix_network(n)}\n" for n in ordered)
+
+
+def count_messages(find_output: bytes, maildirs: Mapping[str, str]) -> dict[str, int]:
+    """Messages per mailbox from `find DIR -type f (-path */new/* -o -path */cur/*) -printf %P\\0`.
+
+    `maildirs` maps an address to its Maildir relative to DIR. A file belongs to the
+    Maildir that is a prefix of its path, so Maildir++ subfolders (`.Sent/cur/...`) count too.
+    """
+    by_dir = {rel.strip("/"): address for address, rel in maildirs.items()}
+    counts = dict.fromkeys(maildirs, 0)
+    for raw in find_output.split(b"\0"):
+        if not raw:
+            continue
+        parts = raw.decode("utf-8", "replace").split("/")
+        if len(parts) < 2 or parts[-2] not in ("new", "cur"):
+            continue
+        for depth in range(1, len(parts) - 1):
+            address = by_dir.get("/".join(parts[:depth]))
+            if address is not None:
+                counts[address] += 1
+                break
+    return counts
+
+
+# --- provider ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    """`rental.options` of the ssh provider, validated (see docs/providers/ssh.md)."""
+
+    connect: Connect
+    known_hosts: Path | None
+    key_file: str | None
+    password_ref: str | None
+    postfix_dir: str
+    vmailbox: str
+    dovecot_passwd: str
+    mail_root: str
+    mynetworks_file: str
+    password_dir: str
+    mail_owner: tuple[int, int] | None
+
+    @classmethod
+    def parse(cls, options: Mapping[str, str], context: ProviderContext) -> SshOptions:
+        unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+        if unknown:
+            raise ProviderError(
+                f"rental.options: unknown option(s) {', '.join(unknown)} for provider ssh "
+                f"(known: {', '.join(OPTION_DEFAULTS)})"
+            )
+        merged = {k: options.get(k, v) for k, v in OPTION_DEFAULTS.items()}
+        if not merged["connect"]:
+            raise ProviderError("rental.options.connect is required (ssh://root@vps.example:22)")
+        try:
+            connect = Connect.parse(str(merged["connect"]))
+        except ValueError as exc:
+            raise ProviderError(f"rental.options.connect: {exc}") from None
+
+        def remote_path(name: str, default: str | None = None) -> str:
+            value = merged[name] or default
+            assert value is not None
+            try:
+                return safe_path(value)
+            except UnsafePathError as exc:
+                raise ProviderError(f"rental.options.{name}: {exc}") from None
+
+        def local_path(name: str) -> Path | None:
+            value = merged[name]
+            if not value:
+                return None
+            path = Path(value).expanduser()
+            # Relative to the state repository, so a known_hosts file can live beside it.
+            if not path.is_absolute() and context.state_dir is not None:
+                path = context.state_dir / path
+            return path
+
+        password_ref = merged["password"]
+        if password_ref is not None and not SECRET_RE.match(password_ref):
+            raise ProviderError("rental.options.password must be env:NAME or file:/path")
+        owner: tuple[int, int] | None = None
+        if merged["mail_owner"]:
+            match = _OWNER_RE.match(merged["mail_owner"])
+            if not match:
+                raise ProviderError("rental.options.mail_owner must be UID:GID (e.g. 5000:5000)")
+            owner = (int(match.group(1)), int(match.group(2)))
+        postfix_dir = remote_path("postfix_dir")
+        key_file = local_path("key_file")
+        return cls(
+            connect=connect,
+            known_hosts=local_path("known_hosts") or context.known_hosts,
+            key_file=str(key_file) if key_file else None,
+            password_ref=password_ref,
+            postfix_dir=postfix_dir,
+            vmailbox=remote_path("virtual_mailbox_maps", posixpath.join(postfix_dir, "vmailbox")),
+            dovecot_passwd=remote_path("dovecot_passwd"),
+            mail_root=remote_path("mail_root"),
+            mynetworks_file=remote_path(
+                "mynetworks_file", posixpath.join(postfix_dir, "mynetworks")
+            ),
+            password_dir=remote_path("password_dir"),
+            mail_owner=owner,
+        )
+
+
+@dataclass(frozen=True)
+class VpsState:
+    """Everything one observation reads from the VPS (richer than `RentalSnapshot`)."""
+
+    settings: dict[str, str]
+    domain_accepted: bool
+    map_type: str | None  # type of the virtual_mailbox_maps entry naming our file
+    vmailbox_text: str | None
+    vmailbox: dict[str, str]  # address -> Maildir relative to mail_root
+    passwd_text: str | None
+    logins: frozenset[str]
+    messages: dict[str, int | None]
+    mynetworks_text: str | None
+    whitelist: frozenset[IpNetwork]
+    whitelist_referenced: bool
+    notes: tuple[str, ...]
+
+
+class SshProvider(RentalProvider):
+    """Postfix virtual mailboxes + Dovecot passwd-file on a VPS reached over SSH."""
+
+    name: ClassVar[str] = "ssh"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(Capability)
+
+    def __init__(
+        self, config: Rental, context: ProviderContext, *, transport: Transport | None = None
+    ) -> None:
+        super().__init__(config, context)
+        self.options = SshOptions.parse(config.options, context)
+        self.domain = context.domain.lower()
+        if not DOMAIN_RE.match(self.domain):
+            raise ProviderError(f"domain {context.domain!r} is not a plain domain name")
+        self._transport = transport
+        # Where each created mailbox's initial password was written (on the VPS).
+        self.initial_password_files: dict[str, str] = {}
+
+    # --- connection --------------------------------------------------------------------
+    @property
+    def transport(self) -> Transport:
+        # One connection for the provider's lifetime: observe, change, verify all reuse it.
+        if self._transport is None:
+            try:
+                self._transport = open_transport(
+                    self.options.connect,
+                    known_hosts=self.options.known_hosts,
+                    key_filename=self.options.key_file,
+                    password_ref=self.options.password_ref,
+                )
+            except TransportError as exc:
+                raise ProviderError(f"rental (ssh): {exc}") from exc
+        return self._transport
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    @property
+    def where(self) -> str:
+        return str(self.options.connect)
+
+    def _run(self, argv: list[str], *, input: bytes | None = None, check: bool = True) -> str:
+        try:
+            return self.transport.run(argv, input=input, check=check).text
+        except TransportError as exc:
+            raise ProviderError(f"rental (ssh): {exc}") from exc
+
+    def _read(self, path: str) -> str | None:
+        try:
+            data = self.transport.read_file(path)
+        except TransportError as exc:
+            raise ProviderError(f"rental (ssh): {exc}") from exc
+        return None if data is None else data.decode("utf-8", "replace")
+
+    def _write(self, path: str, text: str, *, mode: int, backup: bool = True) -> None:
+        try:
+            self.transport.write_file_atomic(path, text.encode(), mode=mode, backup=backup)
+        except TransportError as exc:
+            raise ProviderError(f"rental (ssh): {exc}") from exc
+
+    # --- observation -------------------------------------------------------------------
+    def observe(self) -> RentalSnapshot:
+        state = self._read_state()
+        suffix = "@" + self.domain
+        mailboxes = {
+            address[: -len(suffix)]: state.messages.get(address)
+            for address in state.vmailbox
+            if address.endswith(suffix)
+        }
+        return RentalSnapshot(
+            domain_accepted=state.domain_accepted,
+            mailboxes=mailboxes,
+            whitelist=state.whitelist,
+            notes=state.notes,
+        )
+
+    def _read_state(self) -> VpsState:
+        """One observation: a fixed number of commands, whatever the number of mailboxes."""
+        opts = self.options
+        notes: list[str] = []
+        settings = parse_postconf(
+            self._run(["postconf", "-c", opts.postfix_dir, "-x", *_POSTCONF_PARAMS])
+        )
+        domain_accepted = self._domain_accepted(settings)
+        if not domain_accepted:
+            notes.append(
+                f"{self.where}: main.cf virtual_mailbox_domains does not list {self.domain}"
+            )
+        map_type = self._map_type(settings)
+        if map_type is None:
+            notes.append(
+                f"{self.where}: main.cf virtual_mailbox_maps does not use {opts.vmailbox}; "
+                "mailboxes mailrec writes there would not receive mail"
+            )
+        base = settings.get("virtual_mailbox_base", "")
+        if base.rstrip("/") != opts.mail_root:
+            notes.append(
+                f"{self.where}: main.cf virtual_mailbox_base is {base!r}, "
+                f"option mail_root is {opts.mail_root!r}"
+            )
+
+        vmailbox_text = self._read(opts.vmailbox)
+        vmailbox = {
+            key: value for key, value in parse_map_source(vmailbox_text or "").items() if "@" in key
+        }
+        passwd_text = self._read(opts.dovecot_passwd)
+        logins = frozenset(parse_passwd_users(passwd_text or ""))
+        if passwd_text is None:
+            notes.append(f"{self.where}: Dovecot passwd-file {opts.dovecot_passwd} is missing")
+        for address in sorted(set(vmailbox) - logins):
+            if address.endswith("@" + self.domain):
+                notes.append(f"{address} receives mail but has no Dovecot login")
+
+        messages = self._message_counts(vmailbox, notes)
+
+        referenced = opts.mynetworks_file in split_list(settings.get("mynetworks", ""))
+        mynetworks_text = self._read(opts.mynetworks_file)
+        whitelist: frozenset[IpNetwork] = frozenset()
+        if not referenced:
+            notes.append(
+                f"{self.where}: main.cf mynetworks does not reference {opts.mynetworks_file}; "
+                "the relay whitelist cannot be read or managed"
+            )
+        elif mynetworks_text is None:
+            notes.append(f"{self.where}: {opts.mynetworks_file} is missing (smtpd cannot start)")
+        else:
+            whitelist, other = parse_mynetworks(mynetworks_text)
+            if other:
+                notes.append(f"{opts.mynetworks_file}: entries not managed: {', '.join(other)}")
+        return VpsState(
+            settings=settings,
+            domain_accepted=domain_accepted,
+            map_type=map_type,
+            vmailbox_text=vmailbox_text,
+            vmailbox=vmailbox,
+            passwd_text=passwd_text,
+            logins=logins,
+            messages=messages,
+            mynetworks_text=mynetworks_text,
+            whitelist=whitelist if referenced else frozenset(),
+            whitelist_referenced=referenced,
+            notes=tuple(notes),
+        )
+
+    def _domain_accepted(self, settings: Mapping[str, str]) -> bool:
+        for item in split_list(settings.get("virtual_mailbox_domains", "")):
+            if item.lower() == self.domain:
+                return True
+            if ":" in item and not item.startswith("/"):
+                # A lookup table: one query per table in main.cf, not per user.
+                found = self._run(
+                    ["postmap", "-c", self.options.postfix_dir, "-q", self.domain, item],
+                    check=False,
+                )
+                if found.strip():
+                    return True
+            elif item.startswith("/"):
+                try:
+                    listed = safe_path(item)
+                except UnsafePathError:
+                    continue
+                listing = self._read(listed) or ""
+                names = {
+                    token.lower()
+                    for line in listing.splitlines()
+                    for token in split_list(line.split("#", 1)[0])
+                }
+                if self.domain in names:
+                    return True
+        return False
+
+    def _map_type(self, settings: Mapping[str, str]) -> str | None:
+        for item in split_list(settings.get("virtual_mailbox_maps", "")):
+            parts = item.split(":")
+            if parts[0] == "proxy":
+                parts = parts[1:]
+            if len(parts) == 2 and parts[1] == self.options.vmailbox:
+                kind = parts[0]
+                if kind in _INDEXED_TYPES or kind == "texthash":
+                    return kind
+        return None
+
+    def _message_counts(
+        self, vmailbox: Mapping[str, str], notes: list[str]
+    ) -> dict[str, int | None]:
+        opts = self.options
+        domain_dir = posixpath.join(opts.mail_root, self.domain)
+        inside: dict[str, str] = {}
+        outside: list[str] = []
+        for address, value in vmailbox.items():
+            rel = posixpath.normpath(value.rstrip("/"))
+            prefix = self.domain + "/"
+            if value.endswith("/") and rel.startswith(prefix) and ".." not in rel.split("/"):
+                inside[address] = rel[len(prefix) :]
+            else:
+                outside.append(address)
+        if outside:
+            notes.append(
+                f"cannot count messages of {', '.join(sorted(outside))}: not a Maildir under "
+                f"{domain_dir}"
+            )
+        counts: dict[str, int | None] = dict.fromkeys(outside)
+        try:
+            # One listing for every mailbox of the domain; tmp/ holds deliveries in progress.
+            result = self.transport.run(
+                [
+                    "find",
+                    domain_dir,
+                    "-type",
+                    "f",
+                    "(",
+                    "-path",
+                    "*/new/*",
+                    "-o",
+                    "-path",
+                    "*/cur/*",
+                    ")",
+                    "-printf",
+                    "%P\\0",
+                ],
+                check=False,
+            )
+        except TransportError as exc:
+            raise ProviderError(f"rental (ssh): {exc}") from exc
+        if result.ok:
+            counts.update(count_messages(result.stdout, inside))
+            return counts
+        if not self._exists(domain_dir):
+            counts.update(dict.fromkeys(inside, 0))  # no Maildir yet: nothing delivered
+            return counts
+        notes.append(f"cannot list {domain_dir}: {result.stderr.decode(errors='replace')[-200:]}")
+        counts.update(dict.fromkeys(inside))
+        return counts
+
+    def _exists(self, path: str) -> bool:
+        try:
+            return self.transport.run(["test", "-e", path], check=False).ok
+        except TransportError as exc:
+            raise ProviderError(f"rental (ssh): {exc}") from exc
+
+    # --- changes -----------------------------------------------------------------------
+    def _address(self, user: str) -> str:
+        if not isinstance(user, str) or not USER_NAME_RE.match(user):
+            raise ProviderError(f"{user!r} is not a valid user name")
+        return f"{user}@{self.domain}"
+
+    def _maildir(self, user: str) -> tuple[str, str]:
+        """The Maildir as the map value (relative to mail_root) and as an absolute path."""
+        rel = f"{self.domain}/{user}/"
+        return rel, safe_path(posixpath.join(self.options.mail_root, self.domain, user))
+
+    def _owner(self, state: VpsState) -> tuple[int, int]:
+        if self.options.mail_owner is not None:
+            return self.options.mail_owner
+        uid = _STATIC_RE.match(state.settings.get("virtual_uid_maps", ""))
+        gid = _STATIC_RE.match(state.settings.get("virtual_gid_maps", ""))
+        if not uid or not gid:
+            raise ProviderError(
+                f"{self.where}: main.cf virtual_uid_maps/virtual_gid_maps are not static:N; "
+                "set rental.options.mail_owner to UID:GID of the virtual mail user"
+            )
+        return int(uid.group(1)), int(gid.group(1))
+
+    def _require_mailbox_setup(self, state: VpsState) -> str:
+        problems = []
+        if not state.domain_accepted:
+            problems.append(f"add {self.domain} to virtual_mailbox_domains in main.cf")
+        if state.map_type is None:
+            problems.append(f"set virtual_mailbox_maps = hash:{self.options.vmailbox} in main.cf")
+        if state.settings.get("virtual_mailbox_base", "").rstrip("/") != self.options.mail_root:
+            problems.append(f"set virtual_mailbox_base = {self.options.mail_root} in main.cf")
+        if state.passwd_text is None:
+            problems.append(
+                f"create {self.options.dovecot_passwd} (install -m 0640 -g dovecot /dev/null "
+                f"{self.options.dovecot_passwd}) and use it as Dovecot passdb and userdb"
+            )
+        if problems:
+            raise ProviderError(
+                f"{self.where} is not set up for mailrec's mailboxes: " + "; ".join(problems)
+            )
+        assert state.map_type is not None
+        return state.map_type
+
+    def create_mailbox(self, user: str) -> None:
+        address = self._address(user)
+        state = self._read_state()
+        map_type = self._require_mailbox_setup(state)
+        uid, gid = self._owner(state)
+        rel, maildir = self._maildir(user)
+
+        # Order matters: the Maildir and the login exist before Postfix accepts mail for the
+        # address, so no message arrives that cannot be stored or read. Each part is skipped
+        # when already done, so a run interrupted half-way is completed by the next one.
+        self._run(
+            [
+                "install",
+                "-d",
+                "-m",
+                "0700",
+                "-o",
+                str(uid),
+                "-g",
+                str(gid),
+                maildir,
+                f"{maildir}/cur",
+                f"{maildir}/new",
+                f"{maildir}/tmp",
+            ]
+        )
+        if address not in state.logins:
+            self._add_login(address, state.passwd_text or "", maildir, uid, gid)
+        if address not in state.vmailbox:
+            text = map_source_with(state.vmailbox_text or "", address, rel)
+            self._change_postfix_file(self.options.vmailbox, state.vmailbox_text, text, map_type)
+            self._check_lookup(address, map_type, rel)
+        after = self._read_state()
+        if address not in after.vmailbox or address not in after.logins:
+            raise ProviderError(
+                f"{self.where}: created {address} but observing again does not show it "
+                f"(in map: {address in after.vmailbox}, Dovecot login: {address in after.logins})"
+            )
+        log.info("%s: mailbox %s ready (Maildir %s)", self.where, address, maildir)
+
+    def _add_login(self, address: str, passwd_text: str, maildir: str, uid: int, gid: int) -> None:
+        opts = self.options
+        password = secrets.token_urlsafe(18)
+        self.transport.add_secret(password)
+        secret_file = safe_path(posixpath.join(opts.password_dir, address))
+        # Written before the hash, so the file always matches the login that gets created.
+        self._run(["install", "-d", "-m", "0700", opts.password_dir])
+        self._write(secret_file, password + "\n", mode=0o600, backup=False)
+        typed = f"{password}\n".encode()
+        # On stdin, never in argv (which `ps` shows); doveadm asks for it twice.
+        hashed = self._run(["doveadm", "pw", "-s", "SHA512-CRYPT"], input=typed * 2).strip()
+        if not _HASH_RE.match(hashed):
+            raise ProviderError(f"{self.where}: doveadm pw returned no SHA512-CRYPT hash")
+        self._run(["doveadm", "pw", "-t", hashed], input=typed)
+        line = f"{address}:{hashed}:{uid}:{gid}::{maildir}::"
+        self._write(opts.dovecot_passwd, passwd_with(passwd_text, line), mode=0o640)
+        self.initial_password_files[address.split("@")[0]] = secret_file
+        log.info(
+            "%s: initial password of %s is in %s on that host (mode 0600; hand it over, "
+            "then delete it)",
+            self.where,
+            address,
+            secret_file,
+        )
+
+    def _check_lookup(self, address: str, map_type: str, expected: str) -> None:
+        table = f"{map_type}:{self.options.vmailbox}"
+        found = self._run(
+            ["postmap", "-c", self.options.postfix_dir, "-q", address, table], check=False
+        ).strip()
+        if found != expected:
+            raise ProviderError(
+                f"{self.where}: postmap -q {address} {table} gives {found!r}, expected {expected!r}"
+            )
+
+    def _change_postfix_file(
+        self, path: str, old: str | None, new: str, map_type: str | None
+    ) -> None:
+        """Write, compile, check, reload; restore the previous file if any step fails."""
+        opts = self.options
+        self._write(path, new, mode=0o644)
+        try:
+            if map_type in _INDEXED_TYPES:
+                self._run(["postmap", "-c", opts.postfix_dir, f"{map_type}:{path}"])
+            self._run(["postfix", "-c", opts.postfix_dir, "check"])
+            self._run(["postfix", "-c", opts.postfix_dir, "reload"])
+        except ProviderError as exc:
+            restored = self._restore(path, old, map_type)
+            raise ProviderError(
+                f"{exc}; {restored} (the rejected version was not kept; the previous one is "
+                f"also in {path}.bak)"
+            ) from exc
+
+    def _restore(self, path: str, old: str | None, map_type: str | None) -> str:
+        opts = self.options
+        try:
+            if old is None:
+                self._run(["rm", "-f", "--", path])
+            else:
+                self._write(path, old, mode=0o644, backup=False)
+            if map_type in _INDEXED_TYPES and old is not None:
+                self._run(["postmap", "-c", opts.postfix_dir, f"{map_type}:{path}"])
+            self._run(["postfix", "-c", opts.postfix_dir, "reload"], check=False)
+        except ProviderError as exc:
+            return f"restoring {path} ALSO FAILED: {exc}"
+        return f"restored the previous {path}"
+
+    def delete_mailbox(self, user: str) -> None:
+        address = self._address(user)
+        state = self._read_state()
+        if address not in state.vmailbox and address not in state.logins:
+            return
+        self._refuse_if_mail(address, state)
+        map_type = self._require_mailbox_setup(state)
+        rel, maildir = self._maildir(user)
+        value = state.vmailbox.get(address)
+        if value is not None:
+            # Stop accepting mail first, then count again: a message may have arrived
+            # between the first count and the reload.
+            text = map_source_without(state.vmailbox_text or "", address)
+            self._change_postfix_file(self.options.vmailbox, state.vmailbox_text, text, map_type)
+            recount = self._read_state()
+            if recount.messages.get(address, 0) != 0:
+                back = map_source_with(recount.vmailbox_text or "", address, value)
+                self._change_postfix_file(
+                    self.options.vmailbox, recount.vmailbox_text, back, map_type
+                )
+                self._refuse_if_mail(address, recount)
+            state = recount
+        if address in state.logins:
+            self._write(
+                self.options.dovecot_passwd,
+                passwd_without(state.passwd_text or "", address),
+                mode=0o640,
+            )
+        if value == rel and self._exists(maildir):
+            # Counted empty: only Dovecot index files are left; keep them aside, not deleted.
+            # (Without a map entry the Maildir was never counted, so it stays where it is.)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            self._run(["mv", "-T", "--", maildir, f"{maildir}.removed-{stamp}"])
+        secret_file = safe_path(posixpath.join(self.options.password_dir, address))
+        self._run(["rm", "-f", "--", secret_file])
+        after = self._read_state()
+        if address in after.vmailbox or address in after.logins:
+            raise ProviderError(f"{self.where}: deleted {address} but it is still there")
+        log.info("%s: mailbox %s deleted", self.where, address)
+
+    def _refuse_if_mail(self, address: str, state: VpsState) -> None:
+        count = state.messages.get(address, 0)
+        if count == 0:
+            return
+        held = "an unknown number of" if count is None else str(count)
+        raise ProviderError(
+            f"MR008: mailbox {address} on {self.where} still holds {held} messages; "
+            "archive or move them first (e.g. doveadm backup), then retry"
+        )
+
+    def set_whitelist(self, add: frozenset[IpNetwork], remove: frozenset[IpNetwork]) -> None:
+        for network in add:
+            if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                raise ProviderError(f"{network!r} is not a network")
+            if network.prefixlen < _MIN_PREFIX[network.version]:
+                raise ProviderError(
+                    f"refusing to whitelist {network}: it would let a large part of the "
+                    "Internet relay through the rental server without authentication"
+                )
+        state = self._read_state()
+        if not state.whitelist_referenced:
+            raise ProviderError(
+                f"{self.where}: main.cf mynetworks does not reference "
+                f"{self.options.mynetworks_file}; set e.g. mynetworks = 127.0.0.0/8 "
+                f"[::1]/128 {self.options.mynetworks_file}"
+            )
+        wanted = (state.whitelist - remove) | add
+        if wanted == state.whitelist and state.mynetworks_text is not None:
+            return
+        self._change_postfix_file(
+            self.options.mynetworks_file, state.mynetworks_text, render_mynetworks(wanted), None
+        )
+        after = self._read_state()
+        if after.whitelist != wanted:
+            raise ProviderError(
+                f"{self.where}: whitelist is {sorted(map(str, after.whitelist))} after the "
+                f"change, expected {sorted(map(str, wanted))}"
+            )
+        log.info(
+            "%s: relay whitelist now %s",
+            self.where,
+            ", ".join(
+                map(str, sorted(wanted, key=lambda n: (n.version, n.network_address, n.prefixlen)))
+            )
+            or "(empty)",
+        )
