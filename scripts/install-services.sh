@@ -9,6 +9,7 @@ command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || need+=(postfix
 [ -x /usr/sbin/named ] || need+=(bind9)
 command -v tsig-keygen >/dev/null 2>&1 || [ -x /usr/sbin/tsig-keygen ] || need+=(bind9-utils)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh-keyscan >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /usr/sbin/dovecot ] || need+=(dovecot-core dovecot-imapd)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)

@@ -1,0 +1,1 @@
+"""Integration tests against real daemons on loopback (see services.py)."""
