@@ -16,6 +16,7 @@ import click
 
 from reconciler import clock
 from reconciler.apply import StalePlanError, observe_and_plan, reconcile
+from reconciler.context import Context
 from reconciler.findings import RULES
 from reconciler.journal import Journal, LockedError
 from reconciler.lab.layout import LabLayout
@@ -29,6 +30,7 @@ from reconciler.render import (
     render_status_text,
     render_text,
 )
+from reconciler.safety import check_transition
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -72,9 +74,12 @@ def _load(state_path: Path | None, lab_dir: Path | None) -> tuple[LoadedState, L
     return loaded, lab
 
 
+def _journal_dir(loaded: LoadedState, lab: LabLayout | None) -> Path:
+    return lab.journal_dir if lab else loaded.directory / ".mailrec"
+
+
 def _journal(loaded: LoadedState, lab: LabLayout | None) -> Journal:
-    directory = lab.journal_dir if lab else loaded.directory / ".mailrec"
-    return Journal(directory)
+    return Journal(_journal_dir(loaded, lab))
 
 
 def _backend(loaded: LoadedState, lab: LabLayout | None) -> Any:
@@ -88,13 +93,18 @@ def _backend(loaded: LoadedState, lab: LabLayout | None) -> Any:
 
 def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = False) -> Any:
     backend = _backend(loaded, lab)
-    journal = _journal(loaded, lab)
     try:
-        return observe_and_plan(loaded, backend, journal, clock.now(), allow_bulk=allow_bulk)
+        now = clock.now()
+    except clock.ClockError as exc:
+        fail(str(exc))
+    journal = Journal.existing(_journal_dir(loaded, lab))  # a dry run writes nothing
+    try:
+        return observe_and_plan(loaded, backend, journal, now, allow_bulk=allow_bulk)
     except (OSError, RuntimeError, ValueError) as exc:
         fail(f"cannot observe: {exc}")
     finally:
-        journal.close()
+        if journal is not None:
+            journal.close()
 
 
 def _emit(text: str, out: Path | None) -> None:
@@ -256,7 +266,7 @@ def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) 
     """A person confirms a manual step (e.g. outbound/suga: the mail client was changed)."""
     loaded, lab = _load(state_path, lab_dir)
     # One person confirming one change is never a bulk move (MR011 guards automated moves).
-    _, the_plan = _observe(loaded, lab, allow_bulk=True)
+    world, the_plan = _observe(loaded, lab, allow_bulk=True)
     planned = the_plan.get(step_id)
     if planned is None:
         fail(f"{step_id} is not a step of the current plan (nothing to acknowledge)")
@@ -267,6 +277,16 @@ def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) 
         sys.exit(EXIT_REFUSED)
     if planned.gate is None or planned.gate.kind != "ack":
         fail(f"{step_id} does not wait for a person ({planned.status})")
+    # The plan assumes its ready steps ran first; the person's change happens in the world
+    # as it is now, so it must be safe there.
+    ctx = Context.of(loaded.state, allow_bulk=True)
+    found = check_transition(world, planned.step.simulate(world), planned.step, ctx)
+    if found:
+        for finding in found:
+            click.echo(finding.text(), err=True)
+        click.echo(f"refused: {step_id} is not safe yet; apply the ready steps first",
+                   err=True)
+        sys.exit(EXIT_REFUSED)
     journal = _journal(loaded, lab)
     try:
         detail: dict[str, object] = {"note": note, **planned.step.data()}

@@ -9,9 +9,11 @@ the metrics and retried with backoff.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,7 @@ class Daemon:
         self.allow_bulk = allow_bulk
         self.stop = threading.Event()
         self.failures = 0
+        self._loaded_fingerprint: str | None = None
 
     # --- source of the desired state ------------------------------------------------------
 
@@ -76,12 +79,27 @@ class Daemon:
             repo.remotes.origin.fetch(self.branch)
         return target
 
+    def _state_path(self) -> Path:
+        path = Path(self.subpath)
+        if self.lab is not None and not path.exists():
+            path = self.lab.root / "state"
+        return path
+
+    def _fingerprint(self) -> str | None:
+        """The state directory's *.yaml bytes (directory mode): did it change since loaded?"""
+        path = self._state_path()
+        digest = hashlib.sha256()
+        try:
+            files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
+            for file in files:
+                digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+        except OSError:
+            return None
+        return digest.hexdigest()
+
     def load(self) -> LoadedState:
         if self.repo is None:
-            path = Path(self.subpath)
-            if self.lab is not None and not path.exists():
-                path = self.lab.root / "state"
-            return load_state(path)
+            return load_state(self._state_path())
         import git
 
         target = self._checkout()
@@ -93,11 +111,18 @@ class Daemon:
     def round(self) -> int:
         from reconciler.drivers.backend import SystemBackend
 
+        if self.repo is None:
+            # Taken before reading: an edit made while the round runs starts the next one.
+            self._loaded_fingerprint = self._fingerprint()
         try:
             loaded = self.load()
         except StateError as exc:
             log.error("invalid state, nothing applied:\n%s", exc)
             self.metrics.rounds.labels("invalid").inc()
+            return 1
+        except Exception as exc:  # the repo unreachable, a broken clone: retried next round
+            log.error("cannot read the desired state, nothing applied: %s", exc)
+            self.metrics.rounds.labels("error").inc()
             return 1
         journal = Journal(self.lab.journal_dir if self.lab else loaded.directory / ".mailrec")
         try:
@@ -133,15 +158,20 @@ class Daemon:
         # Back off after failures (up to 8x), so a broken host is not hammered.
         delay = self.interval * min(2 ** self.failures, 8)
         if self.repo is None:
+            if self._fingerprint() != self._loaded_fingerprint:
+                return  # edited during the round (before the watch below could see it)
             try:
                 from watchfiles import watch
 
-                path = Path(self.subpath)
-                if self.lab is not None and not path.exists():
-                    path = self.lab.root / "state"
-                for _ in watch(path, stop_event=self.stop, rust_timeout=int(delay * 1000),
-                               yield_on_timeout=True):
-                    return
+                deadline = time.monotonic() + delay
+                # Wake at least every second to compare the fingerprint: an edit that lands
+                # before the watcher is set up is not lost until the interval.
+                step = max(1, int(min(delay, 1.0) * 1000))
+                for changes in watch(self._state_path(), stop_event=self.stop,
+                                     rust_timeout=step, yield_on_timeout=True):
+                    if (changes or time.monotonic() >= deadline
+                            or self._fingerprint() != self._loaded_fingerprint):
+                        return
             except (ImportError, OSError):
                 pass
         self.stop.wait(delay)

@@ -75,6 +75,7 @@ class Gate:
     message: str
     code: str = ""
     until: str | None = None  # ISO-8601 for time gates
+    after: str | None = None  # the step this one waits for ("step" gates)
     instructions: tuple[str, ...] = field(default_factory=tuple)
 
     def as_finding(self) -> Finding:

@@ -57,6 +57,11 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
 
+    @classmethod
+    def existing(cls, directory: Path) -> Journal | None:
+        """The journal if one was ever written: read-only commands create nothing."""
+        return cls(directory) if (directory / "journal.db").exists() else None
+
     def close(self) -> None:
         self._db.close()
 

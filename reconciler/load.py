@@ -88,11 +88,19 @@ def _parse(text: str, name: str) -> Any:
                                   f"duplicate key {key!r}{also}")]) from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 0
-        col = mark.column + 1 if mark else 0
         problem = exc.problem or exc.context or "invalid YAML"
+        if "end of stream" in problem and exc.context_mark is not None and exc.context:
+            # e.g. an unclosed quote: the end of the file says little, where it began does.
+            mark = exc.context_mark
+            problem = ("a quoted value that starts here is never closed"
+                       if "quoted scalar" in exc.context
+                       else f"{exc.context.removeprefix('while ')} that starts here never ends")
+        elif exc.context and exc.context_mark is not None and mark is not exc.context_mark:
+            problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
         if "'\\t'" in problem:
             problem = "a tab character: YAML indents with spaces, never tabs"
+        line = mark.line + 1 if mark else 0
+        col = mark.column + 1 if mark else 0
         raise StateError([Problem(name, line, col, "", f"YAML syntax: {problem}")]) from None
     except YAMLError as exc:  # unmarked errors (e.g. bad encoding); keep the source out of it
         raise StateError([Problem(name, 0, 0, "", f"YAML: {type(exc).__name__}")]) from None

@@ -205,7 +205,7 @@ class Connect(StrictModel):
         )
         if not match:
             # Never echo a password someone put into the URL (ssh://user:PASSWORD@host).
-            shown = re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", text)
+            shown = re.sub(r"(://[^/@:]*):.*@", r"\1:***@", text)
             hint = (" (no password in the URL: use router.password / admin_password with "
                     "env:NAME or file:PATH)" if shown != text else "")
             raise ValueError(

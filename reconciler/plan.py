@@ -243,6 +243,18 @@ def make_plan(
     feasible = [s for s in candidates if s.id not in optimistic.blocked]
     realistic = _run_pass(world, feasible, ctx, honour_gates=True)
 
+    # A step waiting for a step that is refused can never run: refused too, saying why.
+    changed = True
+    while changed:
+        changed = False
+        for step_id, waits in realistic.gated.items():
+            prerequisite = waits.after
+            if prerequisite and prerequisite in refused and step_id not in refused:
+                refused[step_id] = [Finding(
+                    waits.code or "GATE", f"waits for {prerequisite}, which is refused",
+                    (prerequisite,), f"make {prerequisite} possible first")]
+                changed = True
+
     planned: list[PlannedStep] = [PlannedStep(s, Status.READY) for s in realistic.applied]
     applied = {s.id for s in realistic.applied}
     for step in ordered:

@@ -414,13 +414,8 @@ class SetSpf(Step):
         if self.retire and not world.onprem.retired:
             # Onprem may still send (bounces, the relaying days) until it is retired.
             return Gate("step", "keeps onprem's IP in SPF until onprem/retire is done",
-                        code="MR006")
+                        code="MR006", after="onprem/retire")
         return None
-
-    def open_gate(self, world: World) -> World:
-        if self.retire:
-            return replace(world, onprem=replace(world.onprem, retired=True))
-        return world
 
     def describe(self) -> str:
         return f'SPF "{" ".join(self.before)}" -> "{" ".join(self.after)}"'
@@ -503,6 +498,7 @@ class MoveMx(Step):
                 f"the MX TTL is {world.dns.mx_ttl}: lower it to {ctx.cutover_ttl} first "
                 "(dns/mx-ttl)",
                 code="MR004",
+                after="dns/mx-ttl",
             )
         lowered = world.history.mx_ttl_lowered_at
         if lowered is None:

@@ -53,7 +53,8 @@ def parse_main_cf(text: str) -> dict[str, str]:
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         if raw[0] in " \t" and current is not None:
-            params[current] += " " + raw.strip()
+            # `name =` alone on its line, the value below: no leading space (as postconf).
+            params[current] = f"{params[current]} {raw.strip()}".lstrip()
             continue
         name, sep, value = raw.partition("=")
         if not sep:
