@@ -17,7 +17,7 @@ from reconciler.diff import diff
 from reconciler.journal import Journal
 from reconciler.load import LoadedState
 from reconciler.observe import JournalView, world_checksum
-from reconciler.plan import Plan, Status, make_plan
+from reconciler.plan import Plan, Status, make_plan, no_gc_pauses
 from reconciler.safety import check_transition
 from reconciler.steps import SetMxTtl, Step
 from reconciler.world import World
@@ -64,15 +64,16 @@ def build_plan(
     allow_bulk: bool = False,
 ) -> Plan:
     ctx = Context.of(loaded.state, allow_bulk=allow_bulk, acked=view.acked, instructor=instructor)
-    steps = diff(loaded.state, world, ctx)
-    return make_plan(
-        loaded.state,
-        world,
-        steps,
-        ctx,
-        checksum=world_checksum(world, loaded.digest),
-        source=loaded.digest,
-    )
+    with no_gc_pauses():
+        steps = diff(loaded.state, world, ctx)
+        return make_plan(
+            loaded.state,
+            world,
+            steps,
+            ctx,
+            checksum=world_checksum(world, loaded.digest),
+            source=loaded.digest,
+        )
 
 
 def observe_and_plan(

@@ -120,7 +120,9 @@ def world_checksum(world: World, state_digest: str = "") -> str:
     """A digest of everything observed (not the clock): a saved plan is applied only while
     the world it was made from is still the world."""
     digest = hashlib.sha256(state_digest.encode())
-    for name, facts in world.iter_users():
+    users = world.users
+    for name in sorted(users.keys()):
+        facts = users[name]
         digest.update(
             f"{name}|{facts.onprem_account}|{facts.onprem_messages}|{facts.route}|"
             f"{facts.relay_recipient}|{facts.rental_mailbox}|{facts.outbound}\n".encode()

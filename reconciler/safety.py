@@ -287,8 +287,9 @@ def transition_findings(
 def check_world(world: World, ctx: Context) -> list[Finding]:
     """Every invariant over a whole world (O(n)): validation, status, property tests."""
     found: list[Finding] = []
-    for name, facts in world.iter_users():
+    for name, facts in world.users.items():
         found.extend(user_findings(name, facts, world, ctx))
+    found.sort(key=lambda f: (f.code, f.subjects))
     found.extend(global_findings(world, ctx, GLOBAL_CODES | {"MR001"}))
     return found
 

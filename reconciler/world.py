@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 
 import immutables
 
@@ -30,6 +31,19 @@ class UserFacts:
     rental_mailbox: bool = False
     rental_messages: int | None = None  # None: the provider cannot tell
     outbound: Side | None = None  # client submission server, known from acks; None: sends nothing
+
+    def evolve(self, **changes: object) -> UserFacts:
+        """`dataclasses.replace`, without its per-call introspection (a planning hot path)."""
+        get = changes.get
+        return UserFacts(
+            get("onprem_account", self.onprem_account),  # type: ignore[arg-type]
+            get("onprem_messages", self.onprem_messages),  # type: ignore[arg-type]
+            get("route", self.route),  # type: ignore[arg-type]
+            get("relay_recipient", self.relay_recipient),  # type: ignore[arg-type]
+            get("rental_mailbox", self.rental_mailbox),  # type: ignore[arg-type]
+            get("rental_messages", self.rental_messages),  # type: ignore[arg-type]
+            get("outbound", self.outbound),  # type: ignore[arg-type]
+        )
 
     @property
     def inbound(self) -> Side | None:
@@ -55,6 +69,7 @@ class UserCounts:
     route_rental: int = 0
 
     @staticmethod
+    @lru_cache(maxsize=4096)  # few distinct UserFacts values exist; counting is a hot path
     def of(facts: UserFacts) -> UserCounts:
         return UserCounts(
             total=1,
@@ -170,10 +185,12 @@ class World:
         counts = self.counts + UserCounts.of(facts)
         if old is not None:
             counts = counts - UserCounts.of(old)
-        return replace(self, users=self.users.set(name, facts), counts=counts)
+        # Direct construction: `dataclasses.replace` dominated planning time at 100k users.
+        return World(self.users.set(name, facts), counts, self.onprem, self.rental, self.dns,
+                     self.router, self.history, self.now)
 
     def update_user(self, name: str, **changes: object) -> World:
-        return self.with_user(name, replace(self.user(name), **changes))  # type: ignore[arg-type]
+        return self.with_user(name, self.user(name).evolve(**changes))
 
     def iter_users(self) -> Iterator[tuple[str, UserFacts]]:
         return iter(sorted(self.users.items()))

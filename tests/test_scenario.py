@@ -17,6 +17,7 @@ import pytest
 from reconciler.drivers.dns import ZoneFileDns
 from reconciler.drivers.postfix import parse_map
 from reconciler.lab.layout import LabLayout
+from reconciler.lab.services import stop_services
 
 from .conftest import REPO, run_cli, set_users
 
@@ -169,11 +170,15 @@ def test_lab_from_state_equals_state(tmp_path: Path) -> None:
 def test_make_run_demo_end_to_end(tmp_path: Path) -> None:
     """`make run`'s walk, as a user runs it: subprocesses, lab services up (rental SMTP and
     RTX emulator over SSH), every expected exit code checked by the demo itself."""
-    result = subprocess.run(
-        [sys.executable, "-m", "reconciler.demo", "--lab", str(tmp_path / "lab"),
-         "--state", str(REPO / "state")],
-        capture_output=True, text=True, timeout=220, check=False,
-    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "reconciler.demo", "--lab", str(tmp_path / "lab"),
+             "--state", str(REPO / "state")],
+            capture_output=True, text=True, timeout=220, check=False,
+        )
+    finally:
+        if (tmp_path / "lab").exists():
+            stop_services(LabLayout(tmp_path / "lab"))  # never leave services behind
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rtx_ssh: 127.0.0.7:" in result.stdout
     assert "applied dns/mx" in result.stdout
