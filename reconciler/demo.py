@@ -89,6 +89,15 @@ class Demo:
                 count += 1
         print(f"# {name} drains the old onprem mailbox over POP ({count} message(s))")
 
+    def panel_create(self, name: str) -> None:
+        """What the admin does in the rental's control panel (it has no API)."""
+        domain = "example.co.jp"
+        with self.layout.rental_mailboxes.open("a") as handle:
+            handle.write(f"{name}@{domain}\n")
+        for sub in ("new", "cur", "tmp"):
+            (self.layout.rental_maildirs / name / sub).mkdir(parents=True, exist_ok=True)
+        print(f"# the admin creates {name}@{domain} in the rental's control panel")
+
     def later(self, delta: timedelta, why: str) -> None:
         self.now += delta
         print(f"# ... {why}: MAILREC_NOW={self.now.isoformat()}")
@@ -118,6 +127,11 @@ class Demo:
         self.set_user("suga", inbound="rental")
         self.mailrec("plan", "--format", "markdown", expect=2)
         self.mailrec("apply", "--yes", expect=2)
+        self.say("The rental's panel has no API: a person creates the mailbox, mailrec checks "
+                 "it by SMTP (RCPT TO) and routes")
+        self.panel_create("suga")
+        self.mailrec("ack", "mailbox/suga", "--note", "created in the panel", expect=0)
+        self.mailrec("apply", "--yes", expect=2)
         self.say("suga's old mailbox still holds mail: removing it waits (MR008)")
         self.drain("suga")
         self.mailrec("apply", "--yes", expect=0)
@@ -131,7 +145,10 @@ class Demo:
         for name in users[1:]:
             self.set_user(name, inbound="rental")
         self.mailrec("plan", expect=3)
-        self.say("The admin confirms the bulk move")
+        self.say("The admin creates the mailboxes and confirms the bulk move")
+        for name in users[1:]:
+            self.panel_create(name)
+            self.mailrec("ack", f"mailbox/{name}", expect=0)
         self.mailrec("apply", "--yes", "--allow-bulk", expect=2)
         for name in users[1:]:
             self.drain(name)

@@ -116,7 +116,8 @@ def render_text(plan: Plan, *, color: bool = False, width: int = 100) -> str:
                                else style))
         if planned.gate is not None:
             for instruction in planned.gate.instructions:
-                console.print(Text(f"      > {instruction}", style="cyan"))
+                indented = instruction.replace("\n", "\n        ")
+                console.print(Text(f"      > {indented}", style="cyan"))
     for finding in plan.findings:
         console.print(Text(f"! {finding.text()}", style="red" if finding.severity == "refuse"
                            else "yellow"))

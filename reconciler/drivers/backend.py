@@ -68,7 +68,12 @@ class SystemBackend:
             self.onprem = LabOnprem(lab, state.domain, state.onprem.config_dir)
             self.dns: ZoneFileDns | Rfc2136Dns = ZoneFileDns(lab.zone_file(state.domain),
                                                              state.domain)
-            rental_config: Rental = state.rental.model_copy(update={"provider": "lab"})
+            # The lab rental is files plus an SMTP server: a `manual` rental is probed over
+            # SMTP while `lab up` runs the server; anything else works on the files.
+            manual = state.rental.provider == "manual" and "rental_smtp" in services
+            rental_config: Rental = state.rental.model_copy(
+                update={"provider": "manual" if manual else "lab"}
+            )
         else:
             raise BackendError(
                 "only the lab is wired up so far: the onprem Postfix SSH driver is not built "
