@@ -22,7 +22,7 @@ from reconciler.journal import Journal, LockedError
 from reconciler.lab.layout import LabLayout
 from reconciler.load import LoadedState, StateError, load_from_git, load_state
 from reconciler.model import DesiredState
-from reconciler.plan import Plan, Status, static_findings
+from reconciler.plan import Status, static_findings
 from reconciler.render import (
     render_json,
     render_markdown,
@@ -31,6 +31,7 @@ from reconciler.render import (
     render_text,
 )
 from reconciler.safety import check_transition
+from reconciler.secrets import describe_secret
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -139,6 +140,15 @@ def validate(state_path: Path | None, lab_dir: Path | None) -> None:
         sys.exit(EXIT_REFUSED)
     users = len(loaded.state.users)
     click.echo(f"ok: {', '.join(loaded.files)} ({users} users, digest {loaded.digest[:12]})")
+    # Which secrets are referenced, and whether they resolve here: never their values.
+    state = loaded.state
+    refs = {"dns.tsig.secret": state.dns.tsig.secret if state.dns.tsig else None}
+    if state.router is not None:
+        refs["router.password"] = state.router.password
+        refs["router.admin_password"] = state.router.admin_password
+    for name, ref in refs.items():
+        if ref is not None:
+            click.echo(f"  secret {name}: {describe_secret(ref)}")
 
 
 @cli.command()
@@ -388,10 +398,6 @@ def lab_down(directory: Path) -> None:
 
     stopped = stop_services(LabLayout(directory.resolve()))
     click.echo(f"stopped {stopped} service(s)")
-
-
-def plan_exit_code(the_plan: Plan) -> int:
-    return the_plan.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ code builds the world from the lab, from real hosts, or from generated facts in 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -135,6 +134,3 @@ def world_checksum(world: World, state_digest: str = "") -> str:
     )
     return digest.hexdigest()[:32]
 
-
-def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    return ipaddress.ip_network(text)

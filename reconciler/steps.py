@@ -15,7 +15,7 @@ from typing import ClassVar
 from reconciler.context import Context
 from reconciler.findings import Gate
 from reconciler.model import Side
-from reconciler.world import UserFacts, World
+from reconciler.world import World
 
 
 class Action(StrEnum):
@@ -677,6 +677,3 @@ class SetDefaultRoute(Step):
             return [f"default route is {self.line(got)}"]
         return []
 
-
-def user_fields_equal(a: UserFacts, b: UserFacts) -> bool:
-    return all(getattr(a, f) == getattr(b, f) for f in _VERIFIED_USER_FIELDS)
