@@ -313,14 +313,22 @@ def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) 
     click.echo(f"acknowledged {step_id}")
 
 
+def lab_accepted(func: F) -> F:
+    """Every command takes --lab (DESIGN section 4), even where no host is involved."""
+    return click.option("--lab", "lab_dir", type=click.Path(path_type=Path),
+                        envvar="MAILREC_LAB", default=None, hidden=True)(func)
+
+
 @cli.command()
-def schema() -> None:
+@lab_accepted
+def schema(lab_dir: Path | None) -> None:
     """Print the JSON Schema of the state file (for editor completion)."""
     click.echo(json.dumps(DesiredState.model_json_schema(), indent=2))
 
 
 @cli.command()
-def rules() -> None:
+@lab_accepted
+def rules(lab_dir: Path | None) -> None:
     """List the safety rules (MR codes)."""
     for code, text in RULES.items():
         click.echo(f"{code}  {text}")
