@@ -48,7 +48,8 @@ _PREDICATES = {
     "outbound_rental": lambda f: f.outbound is Side.RENTAL,
     "outbound_onprem": lambda f: f.outbound is Side.ONPREM,
     "route_rental": lambda f: f.route is Side.RENTAL,
-    "unaccepted": lambda f: f.route is Side.RENTAL and not f.relay_recipient,
+    # Without the map in local_recipient_maps only a real account makes Postfix accept.
+    "unaccepted": lambda f: f.route is Side.RENTAL and not f.onprem_account,
     "holding_onprem": lambda f: f.onprem_account and f.onprem_messages > 0,
 }
 
