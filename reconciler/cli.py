@@ -261,10 +261,17 @@ def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
     """Per resource: in sync / pending / gated / refused / drifted."""
     loaded, lab = _load(state_path, lab_dir)
     world, the_plan = _observe(loaded, lab)
+    journal = Journal.existing(_journal_dir(loaded, lab))
+    applied: frozenset[str] = frozenset()
+    if journal is not None:
+        applied = frozenset(e.step for e in journal.events(kind="apply")
+                            if e.result == "ok" and e.step)
+        journal.close()
     if fmt == "json":
-        click.echo(render_status_json(the_plan, world), nl=False)
+        click.echo(render_status_json(the_plan, world, applied), nl=False)
     else:
-        click.echo(render_status_text(the_plan, world, color=_color()), nl=False)
+        click.echo(render_status_text(the_plan, world, color=_color(), applied=applied),
+                   nl=False)
     sys.exit(the_plan.exit_code)
 
 

@@ -56,7 +56,7 @@ class Plan:
     findings: tuple[Finding, ...] = ()
     checksum: str = ""
     source: str = ""
-    extra: dict[str, object] = field(default_factory=dict)
+    drift: tuple[Finding, ...] = ()  # invariants the observed world breaks already
 
     @property
     def in_sync(self) -> bool:
@@ -251,11 +251,12 @@ def _make_plan(
     ordered = sorted(steps, key=lambda s: (s.rank, s.id))
     plan_findings: list[Finding] = static_findings(state)
     plan_findings.extend(_unmanaged_findings(state, world))
-    plan_findings.extend(
+    drift = tuple(
         Finding(f.code, f"the observed world already breaks this: {f.message}", f.subjects,
                 f.remedy, Severity.REFUSE)
         for f in check_world(world, ctx)
     )
+    plan_findings.extend(drift)
 
     refused: dict[str, list[Finding]] = {}
     bulk = _bulk_findings(state, ordered, ctx)
@@ -298,4 +299,4 @@ def _make_plan(
             if gate is None or f.code != gate.code  # the gate already says it
         ]
         planned.append(PlannedStep(step, Status.GATED, tuple(waiting), gate))
-    return Plan(tuple(planned), tuple(plan_findings), checksum, source)
+    return Plan(tuple(planned), tuple(plan_findings), checksum, source, drift=drift)

@@ -125,17 +125,23 @@ def render_text(plan: Plan, *, color: bool = False, width: int = 100) -> str:
     return buffer.getvalue()
 
 
-def status_rows(plan: Plan, world: World) -> list[dict[str, str]]:
-    """One row per managed resource: in sync / pending / gated / refused / drifted."""
+def status_rows(
+    plan: Plan, world: World, applied: frozenset[str] = frozenset()
+) -> list[dict[str, str]]:
+    """One row per managed resource: in sync / pending / gated / refused / drifted.
+    `applied` are step ids mailrec applied before: a pending change to one of them means
+    the world moved away from what mailrec made it (drift), not a new wish."""
     by_resource: dict[str, PlannedStep] = {}
     for planned in plan.steps:
         by_resource.setdefault(planned.id, planned)
     rows: list[dict[str, str]] = []
-    drifted = {s for f in plan.refusing_findings() for s in f.subjects}
+    drifted = {s for f in plan.drift for s in f.subjects}
     for planned in plan.steps:
         state = {Status.READY: "pending", Status.GATED: "gated", Status.REFUSED: "refused"}[
             planned.status
         ]
+        if planned.status is Status.READY and planned.id in applied:
+            state = "drifted"
         detail = "; ".join(planned.reasons()) or planned.step.describe()
         rows.append({"resource": planned.id, "status": state, "detail": detail})
     touched = {p.step.users[0] for p in plan.steps if p.step.users}
@@ -155,13 +161,14 @@ def status_rows(plan: Plan, world: World) -> list[dict[str, str]]:
     return rows
 
 
-def render_status_text(plan: Plan, world: World, *, color: bool = False) -> str:
+def render_status_text(plan: Plan, world: World, *, color: bool = False,
+                       applied: frozenset[str] = frozenset()) -> str:
     buffer = StringIO()
     console = Console(file=buffer, force_terminal=color, no_color=not color, width=120)
     table = Table("resource", "status", "detail", box=None, pad_edge=False)
     styles = {"in sync": "green", "pending": "cyan", "gated": "yellow", "refused": "red",
               "drifted": "magenta"}
-    for row in status_rows(plan, world):
+    for row in status_rows(plan, world, applied):
         table.add_row(row["resource"], Text(row["status"], style=styles[row["status"]]),
                       row["detail"])
     console.print(table)
@@ -169,10 +176,10 @@ def render_status_text(plan: Plan, world: World, *, color: bool = False) -> str:
     return buffer.getvalue()
 
 
-def render_status_json(plan: Plan, world: World) -> str:
+def render_status_json(plan: Plan, world: World, applied: frozenset[str] = frozenset()) -> str:
     return json.dumps(
         {"format_version": FORMAT_VERSION, "in_sync": plan.in_sync,
-         "resources": status_rows(plan, world),
+         "resources": status_rows(plan, world, applied),
          "findings": [f.as_json() for f in plan.findings]},
         indent=2,
     ) + "\n"
