@@ -9,13 +9,17 @@ data; ordering and safety are the planner's.
 from __future__ import annotations
 
 import ipaddress
+import os
+import weakref
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from reconciler.context import Instructor
 from reconciler.drivers.dns import DnsRecords, Rfc2136Dns, ZoneFileDns
 from reconciler.drivers.lab_onprem import LabOnprem
-from reconciler.drivers.postfix import PostfixFacts
+from reconciler.drivers.postfix import PostfixError, PostfixFacts
+from reconciler.drivers.postfix_host import PostfixHost
 from reconciler.drivers.rental.base import (
     Capability,
     ProviderContext,
@@ -43,11 +47,33 @@ from reconciler.steps import (
     SetSpf,
     Step,
 )
+from reconciler.transport import TransportError, open_transport
 from reconciler.world import World
 
 
 class BackendError(RuntimeError):
     """A system cannot be reached or a step has no driver; nothing was changed."""
+
+
+class OnpremDriver(Protocol):
+    """What the backend needs from an onprem driver: `LabOnprem` or `PostfixHost`."""
+
+    def observe(self, now: datetime) -> PostfixFacts: ...
+    def route_to_rental(self, user: str, smtp_host: str, port: int) -> None: ...
+    def route_to_onprem(self, user: str) -> None: ...
+    def enable_recipient_map(self) -> None: ...
+    def remove_mailbox(self, user: str) -> None: ...
+    def retire(self) -> None: ...
+
+
+def _env_str(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def _env_path(name: str) -> Path | None:
+    value = _env_str(name)
+    return Path(value).expanduser() if value else None
 
 
 class SystemBackend:
@@ -61,6 +87,7 @@ class SystemBackend:
     ) -> None:
         self.state = state
         self.lab = lab
+        self.onprem: OnpremDriver
         services = lab.read_services() if lab else {}
         if lab is not None:
             if not lab.exists():
@@ -75,10 +102,22 @@ class SystemBackend:
                 update={"provider": "manual" if manual else "lab"}
             )
         else:
-            raise BackendError(
-                "only the lab is wired up so far: the onprem Postfix SSH driver is not built "
-                "yet; run with --lab DIR (see docs/architecture.md)"
+            # Given by the caller, or MAILREC_KNOWN_HOSTS; None lets the router and rental
+            # drivers use their own default (~/.ssh/known_hosts), as before.
+            known_hosts = known_hosts or _env_path("MAILREC_KNOWN_HOSTS")
+            if state.dns.provider == "lab":
+                raise BackendError(
+                    "dns.provider lab is the lab's zone file: use it with --lab DIR, or set "
+                    "dns.provider rfc2136 with server and tsig for a real DNS server"
+                )
+            try:
+                self.dns = self.rfc2136(state)
+            except (RuntimeError, ValueError) as exc:  # the TSIG secret, a bad key
+                raise BackendError(f"DNS server {state.dns.server}: {exc}") from exc
+            self.onprem = self._open_onprem(
+                state, known_hosts or Path("~/.ssh/known_hosts").expanduser()
             )
+            rental_config = state.rental
         self.rental: RentalProvider = load_provider(
             rental_config,
             ProviderContext(
@@ -93,6 +132,35 @@ class SystemBackend:
         self.router: RouterDriver | None = None
         if state.router is not None:
             self.router = LabRouter(lab) if lab else RtxRouter(state.router, known_hosts)
+
+    @staticmethod
+    def _open_onprem(state: DesiredState, known_hosts: Path) -> PostfixHost:
+        """The onprem Postfix over `onprem.connect` (its host key checked against
+        `known_hosts`); closed when this backend is garbage-collected (the daemon builds one
+        backend per round)."""
+        connect = state.onprem.connect
+        try:
+            key = _env_path("MAILREC_SSH_KEY")  # else ssh-agent or ~/.ssh/id_*
+            transport = open_transport(
+                connect, known_hosts=known_hosts, key_filename=str(key) if key else None
+            )
+        except (TransportError, OSError) as exc:
+            raise BackendError(f"onprem host {connect}: {exc}") from exc
+        try:
+            host = PostfixHost(transport, state.domain, state.onprem)
+        except PostfixError as exc:
+            transport.close()
+            raise BackendError(f"onprem host {connect}: {exc}") from exc
+        weakref.finalize(host, transport.close)
+        return host
+
+    def close(self) -> None:
+        """Close the connections this backend opened (onprem SSH, an ssh rental)."""
+        if isinstance(self.onprem, PostfixHost):
+            self.onprem.transport.close()
+        close = getattr(self.rental, "close", None)
+        if callable(close):
+            close()
 
     @staticmethod
     def rfc2136(state: DesiredState) -> Rfc2136Dns:

@@ -1,0 +1,610 @@
+"""The onprem Postfix on a real host, over a `Transport` (SSH with pinned host keys, or local).
+
+Where it sits: the onprem driver of a real installation (`drivers/backend.py` builds it from
+`onprem.connect`); `LabOnprem` is its twin on the lab's files. Both read with the pure parsers
+of `drivers/postfix.py` and give the same `PostfixFacts`, so the planner cannot tell them
+apart.
+
+Observation is a constant number of commands, whatever the number of users (DESIGN.md 2):
+  find DIR -maxdepth 1 -name 'mailrec_*'     which managed files exist
+  postconf -c DIR local_recipient_maps transport_maps
+  getent passwd
+  postmap -s hash:DIR/mailrec_transport      (skipped while the map does not exist: empty)
+  postmap -s hash:DIR/mailrec_recipients     (same)
+  read DIR/mailrec_removed                   (if it exists)
+  sh -c '{ find ...; } | uniq -c'            one scan of all mailboxes, counted on the host
+  tail -n 5000 LOG                           (+ LOG.1 when LOG shows no mail yet: rotation)
+  postfix -c DIR status                      (only once retired: is it really stopped?)
+
+Every change follows one discipline: write the map source atomically keeping a `.bak`,
+`postmap` it, change main.cf only with `postconf -e` (after a `.bak` of main.cf), then
+`postfix check` and `postfix reload`. On any failure the previous content of every file the
+change wrote is put back and re-compiled, and a `PostfixError` says what failed and what was
+restored. User names are held to `USER_NAME_RE`, paths to `safe_path`, and every command is
+an argv list that the transport quotes part by part; the one shell script is a constant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import posixpath
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final, Literal
+
+from reconciler import clock
+from reconciler.drivers.postfix import (
+    RECIPIENT_MAP,
+    TRANSPORT_MAP,
+    PostfixError,
+    PostfixFacts,
+    format_map,
+    last_mail_seen,
+    parse_main_cf,
+    parse_map,
+    parse_passwd,
+    recipient_map_ref,
+    relay_target,
+    transport_map_ref,
+    users_in_map,
+    with_map,
+)
+from reconciler.model import USER_NAME_RE, Onprem
+from reconciler.transport import (
+    CommandResult,
+    Transport,
+    TransportError,
+    UnsafePathError,
+    safe_path,
+)
+
+REMOVED_LIST: Final = "mailrec_removed"  # users whose onprem mailbox mailrec archived
+RETIRED_MARKER: Final = "mailrec_retired"  # written by retire(), before Postfix is stopped
+ARCHIVE_INFIX: Final = ".mailrec-removed-"  # Maildir -> Maildir.mailrec-removed-<UTC time>
+LOG_LINES: Final = 5000
+_STATUS_TAG: Final = "mailrec-find-status"
+# The mailbox scan, run as `sh -c SCRIPT mailrec-scan START... -- FIND-EXPRESSION...`. The
+# script is a constant; the paths and patterns arrive as positional parameters, so nothing a
+# host returns (a home directory) is ever parsed by a shell. It keeps only the start points
+# that are directories (an account whose home does not exist has no mail, and must not make
+# the whole observation fail), then counts on the host, one line per directory instead of one
+# per message, and appends find's exit status so a partial listing is never taken as complete.
+SCAN_SCRIPT: Final = f"""\
+n=$#; starts=0; expr=0
+while [ "$n" -gt 0 ]; do
+  a=$1; shift; n=$((n - 1))
+  if [ "$expr" = 1 ]; then set -- "$@" "$a"
+  elif [ "$a" = -- ]; then expr=1
+  elif [ -d "$a" ]; then set -- "$@" "$a"; starts=$((starts + 1))
+  fi
+done
+if [ "$starts" = 0 ]; then echo "1 {_STATUS_TAG} 0"; exit 0; fi
+{{ find -L "$@"; echo "{_STATUS_TAG} $?"; }} | uniq -c
+"""
+# Characters of a main.cf map list mailrec may write with `postconf -e`: map types, paths,
+# $parameters, commas and spaces. Never a newline, quote, backslash or '#'.
+_MAP_LIST_RE: Final = re.compile(r"^[A-Za-z0-9_$:/.,{}=@+ -]*$")
+_HOSTNAME_RE: Final = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_GLOB_CHARS: Final = frozenset("*?[]\\")
+
+
+# --- mailbox locations ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MailboxSpec:
+    """`onprem.mailbox`: `maildir:~/Maildir`, `maildir:/var/vmail/{user}/Maildir` or
+    `mbox:/var/mail/{user}`; `~` is the account's home from passwd."""
+
+    kind: Literal["maildir", "mbox"]
+    template: str
+
+    @staticmethod
+    def parse(spec: str) -> MailboxSpec:
+        kind, _, template = spec.partition(":")
+        template = template.rstrip("/") or template
+        if kind not in ("maildir", "mbox"):
+            raise PostfixError(f"onprem.mailbox {spec!r}: use maildir:PATH or mbox:PATH")
+        if _GLOB_CHARS & set(template) or "\n" in template:
+            raise PostfixError(f"onprem.mailbox {spec!r}: no glob characters or newlines")
+        home_relative = template == "~" or template.startswith("~/")
+        if not home_relative and "{user}" not in template:
+            raise PostfixError(
+                f"onprem.mailbox {spec!r}: a path must start with ~/ (the user's home) or "
+                "contain {user}"
+            )
+        # Normalised (no '.', '..', '//'), with any home or user name put in.
+        example = "/home/u" + template[1:] if home_relative else template.replace("{user}", "u")
+        try:
+            safe_path(example)
+        except UnsafePathError as exc:
+            raise PostfixError(f"onprem.mailbox {spec!r}: {exc}") from None
+        return MailboxSpec("maildir" if kind == "maildir" else "mbox", template)
+
+    @property
+    def home_relative(self) -> bool:
+        return self.template == "~" or self.template.startswith("~/")
+
+    def path_for(self, user: str, home: str) -> str:
+        """The user's mailbox on the host (a Maildir directory or an mbox file)."""
+        if self.home_relative:
+            path = home.rstrip("/") + self.template[1:]
+        else:
+            path = self.template.replace("{user}", user)
+        return safe_path(path)
+
+    def scan_argv(self, homes: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+        """The one command that counts every listed user's mail, and what its lines mean.
+
+        Returns the argv and a map from the path each output line names (a Maildir's
+        new/ or cur/, or an mbox file) to the user it belongs to. The start points are the
+        directories the mailboxes hang off (e.g. /home for ~/Maildir, /var/mail for
+        /var/mail/{user}); `-mindepth`/`-maxdepth` pin the depth, so find reads no deeper
+        than the mailboxes themselves.
+        """
+        owners: dict[str, str] = {}
+        starts: set[str] = set()
+        if self.home_relative:
+            rel = [p for p in self.template[2:].split("/") if p]
+            depth = 1 + len(rel)  # the home below its parent, then the path inside it
+            for home in homes.values():
+                starts.add(posixpath.dirname(safe_path(home.rstrip("/") or "/")))
+        else:
+            parts = self.template.split("/")
+            index = next(i for i, p in enumerate(parts) if "{user}" in p)
+            starts.add(safe_path("/".join(parts[:index]) or "/"))
+            depth = len(parts) - index
+        for user, home in homes.items():
+            location = self.path_for(user, home)
+            if self.kind == "maildir":
+                owners[location + "/new"] = user
+                owners[location + "/cur"] = user
+            else:
+                owners[location] = user
+        last = self.template.rsplit("/", 1)[-1]
+        leaf = "*" if "{user}" in last or last == "~" else last
+        if self.kind == "maildir":
+            depth += 2  # new/ or cur/, then the message file
+            test = ["(", "-path", f"*/{leaf}/new/*", "-o", "-path", f"*/{leaf}/cur/*", ")",
+                    "!", "-name", ".*", "-printf", "%h\\n"]
+        else:
+            test = ["-path", f"*/{leaf}", "-printf", "%s %p\\n"]
+        argv = [
+            "sh", "-c", SCAN_SCRIPT, "mailrec-scan", *sorted(starts), "--",
+            "-mindepth", str(depth), "-maxdepth", str(depth), "-type", "f", *test,
+        ]
+        return argv, owners
+
+
+def parse_scan(output: str, kind: str, owners: Mapping[str, str]) -> dict[str, int]:
+    """Messages per user from the scan's `uniq -c` lines (`COUNT DIR` for Maildirs,
+    `1 SIZE FILE` for mboxes) and its final `N mailrec-find-status S` line.
+
+    An mbox counts as one message when it is not empty: its size is read, not its content
+    (counting `From ` lines would read every mailbox on every observation), and "holds
+    mail" is what the drain gate and MR008 need. Raises PostfixError when find failed.
+    """
+    counts: dict[str, int] = {}
+    status: int | None = None
+    for line in output.splitlines():
+        number, _, payload = line.strip().partition(" ")
+        if not number.isdigit():
+            continue
+        if payload.startswith(_STATUS_TAG + " "):
+            code = payload[len(_STATUS_TAG) + 1 :].strip()
+            status = int(code) if code.isdigit() else 255
+            continue
+        if kind == "mbox":
+            size, _, payload = payload.partition(" ")
+            amount = 1 if size.isdigit() and int(size) > 0 else 0
+        else:
+            amount = int(number)
+        user = owners.get(payload)
+        if user is not None:
+            counts[user] = counts.get(user, 0) + amount
+    if status is None:
+        raise PostfixError("the mailbox scan ended early (no status line): output incomplete")
+    if status != 0:
+        raise PostfixError(f"the mailbox scan (find) exited {status}: counts incomplete")
+    return counts
+
+
+def managed_files(listing: str) -> frozenset[str]:
+    """Names printed by `find DIR -maxdepth 1 -name 'mailrec_*' -printf '%f\\n'`."""
+    return frozenset(line.strip() for line in listing.splitlines() if line.strip())
+
+
+def check_map_list(name: str, value: str) -> str:
+    """A main.cf map list mailrec is about to write: nothing postconf -e could misread."""
+    if not _MAP_LIST_RE.match(value):
+        raise PostfixError(f"refusing to write {name} = {value!r}: unexpected characters")
+    return value
+
+
+def check_relay(smtp_host: str, port: int) -> str:
+    """The transport map value for the rental relay, from validated parts only."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise PostfixError(f"refusing relay port {port!r}")
+    try:
+        address = ipaddress.ip_address(smtp_host)
+    except ValueError:
+        if not _HOSTNAME_RE.match(smtp_host) or ".." in smtp_host:
+            raise PostfixError(f"refusing unsafe relay host {smtp_host!r}") from None
+        return relay_target(smtp_host, port)
+    return relay_target(str(address), port)  # [2001:db8::1]:25 is Postfix's IPv6 form
+
+
+def check_user(user: str) -> str:
+    if not isinstance(user, str) or not USER_NAME_RE.match(user):
+        raise PostfixError(f"refusing unsafe user name {user!r}")
+    return user
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """A file as it was before a change wrote it (None: it did not exist)."""
+
+    path: str
+    content: bytes | None
+    compiled: bool  # a map source: re-run postmap after putting it back
+
+
+class PostfixHost:
+    """The onprem Postfix behind `transport`; same methods and facts as `LabOnprem`."""
+
+    def __init__(
+        self, transport: Transport, domain: str, onprem: Onprem, *, log_lines: int = LOG_LINES
+    ) -> None:
+        self.transport = transport
+        self.domain = domain.lower()
+        try:
+            self.config_dir = safe_path(onprem.config_dir.rstrip("/") or "/")
+            self.log_file = safe_path(onprem.log_file)
+        except UnsafePathError as exc:
+            raise PostfixError(f"onprem: {exc}") from None
+        self.mailbox = MailboxSpec.parse(onprem.mailbox)
+        self.log_lines = log_lines
+
+    def __repr__(self) -> str:
+        return f"<PostfixHost {self.transport.host} {self.config_dir}>"
+
+    # --- small helpers -------------------------------------------------------------------
+    def _path(self, name: str) -> str:
+        return safe_path(f"{self.config_dir}/{name}")
+
+    def _run(self, what: str, argv: list[str]) -> CommandResult:
+        try:
+            return self.transport.run(argv)
+        except TransportError as exc:
+            raise PostfixError(f"{what}: {exc}") from exc
+
+    def _postconf(self, names: Iterable[str]) -> dict[str, str]:
+        listed = list(names)
+        result = self._run("postconf", ["postconf", "-c", self.config_dir, *listed])
+        values = parse_main_cf(result.text)
+        return {name: values.get(name, "") for name in listed}
+
+    def _managed(self) -> frozenset[str]:
+        result = self._run(
+            f"list {self.config_dir}",
+            ["find", self.config_dir, "-maxdepth", "1", "-name", "mailrec_*", "-printf", "%f\\n"],
+        )
+        return managed_files(result.text)
+
+    def _dump_map(self, name: str, present: frozenset[str]) -> dict[str, str]:
+        if f"{name}.db" not in present:
+            return {}  # never compiled: Postfix has no such table yet, mailrec routes nobody
+        result = self._run(f"dump {name}", ["postmap", "-s", f"hash:{self._path(name)}"])
+        return parse_map(result.text)
+
+    def _removed(self, present: frozenset[str] | None = None) -> dict[str, str]:
+        if present is not None and REMOVED_LIST not in present:
+            return {}
+        data = self.transport.read_file(self._path(REMOVED_LIST))
+        return parse_map(data.decode("utf-8", "replace")) if data else {}
+
+    def _homes(self, text: str) -> dict[str, str]:
+        return {user: str(home) for user, home in parse_passwd(text).items()}
+
+    def _count(self, homes: Mapping[str, str]) -> dict[str, int]:
+        if not homes:
+            return {}
+        try:
+            argv, owners = self.mailbox.scan_argv(homes)
+        except UnsafePathError as exc:
+            raise PostfixError(f"cannot count onprem mailboxes: {exc}") from None
+        result = self._run("count onprem mailboxes", argv)
+        try:
+            counts = parse_scan(result.text, self.mailbox.kind, owners)
+        except PostfixError as exc:
+            detail = self.transport.mask(result.stderr.decode("utf-8", "replace").strip())
+            raise PostfixError(f"{self.transport.host}: {exc}: {detail[-400:]}") from None
+        return {user: counts.get(user, 0) for user in homes}
+
+    # --- observe -------------------------------------------------------------------------
+    def observe(self, now: datetime) -> PostfixFacts:
+        present = self._managed()
+        params = self._postconf(["local_recipient_maps", "transport_maps"])
+        passwd = self._run("getent passwd", ["getent", "passwd"]).text
+        transport = self._dump_map(TRANSPORT_MAP, present)
+        recipients = self._dump_map(RECIPIENT_MAP, present)
+        removed = self._removed(present)
+        # An archived mailbox's account still exists (see remove_mailbox); to mailrec it has
+        # no onprem mailbox any more.
+        homes = {u: h for u, h in self._homes(passwd).items() if u not in removed}
+        accounts = self._count(homes)
+        retired = RETIRED_MARKER in present and not self._running()
+        return PostfixFacts(
+            accounts=accounts,
+            # Entries only route mail while transport_maps names the map.
+            transport=(
+                users_in_map(transport, self.domain)
+                if transport_map_ref(self.config_dir) in _refs(params["transport_maps"])
+                else set()
+            ),
+            recipients=users_in_map(recipients, self.domain),
+            recipient_validation=self._validates(params["local_recipient_maps"]),
+            last_mail_at=self._last_mail(now),
+            retired=retired,
+        )
+
+    def _validates(self, value: str) -> bool:
+        # An empty local_recipient_maps makes smtpd accept every local address (unknown ones
+        # bounce later): nothing is answered 550, so MR007 holds without mailrec's map.
+        return not value.strip() or recipient_map_ref(self.config_dir) in _refs(value)
+
+    def _running(self) -> bool:
+        try:
+            result = self.transport.run(["postfix", "-c", self.config_dir, "status"], check=False)
+        except TransportError as exc:
+            raise PostfixError(f"postfix status: {exc}") from exc
+        return result.ok
+
+    def _last_mail(self, now: datetime) -> datetime | None:
+        try:
+            current = self.transport.run(["tail", "-n", str(self.log_lines), self.log_file])
+        except TransportError as exc:
+            # Without the log, "no mail seen" would open the retire gate (MR010): an error.
+            raise PostfixError(
+                f"cannot read the mail log {self.log_file} (set onprem.log_file to where this "
+                f"host logs Postfix): {exc}"
+            ) from exc
+        seen = last_mail_seen(current.text, now)
+        if seen is not None:
+            return seen
+        # Just after a rotation the current log may not show mail yet: the last mail is then
+        # in LOG.1 (logrotate's delaycompress keeps it uncompressed). Missing is fine.
+        older = self.transport.run(
+            ["tail", "-n", str(self.log_lines), safe_path(self.log_file + ".1")], check=False
+        )
+        return last_mail_seen(older.text, now) if older.ok else None
+
+    # --- changes -------------------------------------------------------------------------
+    def route_to_rental(self, user: str, smtp_host: str, port: int) -> None:
+        key = f"{check_user(user)}@{self.domain}"
+        target = check_relay(smtp_host, port)
+        with self._change(f"route {user} to the rental") as saved:
+            # Accept first, then forward: at no moment is a forwarded user answered 550.
+            self._edit_map(RECIPIENT_MAP, saved, {key: "OK"})
+            self._edit_map(TRANSPORT_MAP, saved, {key: target})
+            self._reference(saved, {"transport_maps": transport_map_ref(self.config_dir)})
+
+    def route_to_onprem(self, user: str) -> None:
+        key = f"{check_user(user)}@{self.domain}"
+        if user in self._removed():
+            # Local delivery would start a fresh Maildir that observe does not count (the
+            # user is on the removed list): mail nobody reads. Restore the mailbox first.
+            raise PostfixError(
+                f"{user}'s onprem mailbox was archived by mailrec: restore it first (rename "
+                f"the {ARCHIVE_INFIX}* directory back, remove {user} from "
+                f"{self._path(REMOVED_LIST)}), then route it back"
+            )
+        with self._change(f"route {user} back to onprem") as saved:
+            # Stop forwarding first, then stop accepting without an account.
+            self._edit_map(TRANSPORT_MAP, saved, {key: None})
+            self._edit_map(RECIPIENT_MAP, saved, {key: None})
+
+    def enable_recipient_map(self) -> None:
+        with self._change("enable mailrec's recipient map") as saved:
+            # Both tables must exist (compiled) before main.cf names them, or every lookup
+            # fails and Postfix defers all mail.
+            self._edit_map(RECIPIENT_MAP, saved, {})
+            self._edit_map(TRANSPORT_MAP, saved, {})
+            self._reference(saved, {
+                "local_recipient_maps": recipient_map_ref(self.config_dir),
+                "transport_maps": transport_map_ref(self.config_dir),
+            })
+
+    def remove_mailbox(self, user: str) -> None:
+        """Archive the drained mailbox; the Unix account stays (see docs/onprem-postfix.md).
+
+        Deleting accounts on a production host is not mailrec's job (they may own files,
+        cron jobs, other services), and it is not needed: the address is forwarded to the
+        rental and accepted through mailrec's recipient map, so the account receives nothing
+        any more. The empty mailbox is renamed aside and the user put on `mailrec_removed`,
+        which observe honours: to mailrec the user has no onprem mailbox.
+        """
+        check_user(user)
+        present = self._managed()
+        removed = self._removed(present)
+        if user in removed:
+            return
+        found = self.transport.run(["getent", "passwd", user], check=False)
+        if found.exit_status == 2:  # getent: no such key
+            return
+        if not found.ok:
+            raise PostfixError(f"getent passwd {user} exited {found.exit_status}")
+        homes = self._homes(found.text)
+        if user not in homes:
+            return  # not a mail user (system uid range): nothing mailrec counts
+        forwarded = users_in_map(self._dump_map(TRANSPORT_MAP, present), self.domain)
+        if user not in forwarded:
+            raise PostfixError(
+                f"{user} is not forwarded to the rental: archiving the onprem mailbox now "
+                f"would hide the mail still delivered there (route inbound/{user} first)"
+            )
+        held = self._count({user: homes[user]})[user]
+        if held:
+            raise PostfixError(
+                f"MR008: the onprem mailbox of {user} still holds {held} message(s): let the "
+                "user drain it (POP) or archive it first"
+            )
+        location = self.mailbox.path_for(user, homes[user])
+        archived = "-"
+        exists = self.transport.run(["test", "-e", location], check=False)
+        if exists.exit_status > 1:
+            raise PostfixError(f"test -e {location} exited {exists.exit_status}")
+        if exists.ok:
+            stamp = clock.now().strftime("%Y%m%dT%H%M%SZ")
+            archived = safe_path(f"{location}{ARCHIVE_INFIX}{stamp}")
+            self._run(f"archive {location}", ["mv", "-T", "--", location, archived])
+        # Renamed first, listed second: a failure in between leaves an account without a
+        # mailbox, which the next run lists; never a listed user whose mail is still there.
+        removed[user] = archived
+        self._write(REMOVED_LIST, format_map(removed, REMOVED_LIST).encode(), backup=True)
+
+    def retire(self) -> None:
+        """Stop this Postfix for good, once the planner's MR010 gate is open.
+
+        Written: the marker DIR/mailrec_retired, then `postfix -c DIR stop`. A stopped
+        server refuses connections, so a sender still using the old MX keeps its message
+        queued, retries, and finds the rental at its next MX lookup: nothing bounces. Removing
+        the domain from mydestination instead would answer 5xx, a bounce. Refused while the
+        queue holds messages (they would be stuck). Undo: remove the marker and start Postfix.
+        """
+        queue = self._postconf(["queue_directory"])["queue_directory"]
+        try:
+            queues = [safe_path(f"{queue}/{name}")
+                      for name in ("maildrop", "incoming", "active", "deferred", "hold")]
+        except UnsafePathError as exc:
+            raise PostfixError(f"queue_directory: {exc}") from None
+        waiting = self._run("look at the queue", ["find", *queues, "-type", "f", "-print",
+                                                  "-quit"])
+        if waiting.text.strip():
+            raise PostfixError(
+                "the onprem queue still holds messages (postqueue -p): retiring would strand "
+                "them; let them be delivered (postqueue -f) or moved first"
+            )
+        stamp = clock.now().isoformat()
+        self._write(
+            RETIRED_MARKER,
+            f"retired by mailrec at {stamp}: Postfix stopped; to undo, remove this file and "
+            f"run postfix -c {self.config_dir} start\n".encode(),
+            backup=False,
+        )
+        if self._running():
+            self._run("postfix stop", ["postfix", "-c", self.config_dir, "stop"])
+
+    # --- the change discipline -----------------------------------------------------------
+    def _write(self, name: str, data: bytes, *, backup: bool) -> None:
+        try:
+            self.transport.write_file_atomic(self._path(name), data, backup=backup)
+        except TransportError as exc:
+            raise PostfixError(f"write {name}: {exc}") from exc
+
+    def _postmap(self, path: str) -> None:
+        self._run(f"postmap {path}", ["postmap", "-c", self.config_dir, f"hash:{path}"])
+
+    def _edit_map(
+        self, name: str, saved: list[_Saved], changes: Mapping[str, str | None]
+    ) -> None:
+        """Rewrite one managed map with `changes` (None removes a key) and compile it."""
+        path = self._path(name)
+        old = self.transport.read_file(path)
+        entries = parse_map(old.decode("utf-8", "replace") if old else "")
+        for key, value in changes.items():
+            if value is None:
+                entries.pop(key, None)
+            else:
+                entries[key] = value
+        saved.append(_Saved(path, old, compiled=True))
+        # Written and compiled even when unchanged: a source someone edited without running
+        # postmap would otherwise keep disagreeing with the table Postfix reads.
+        self.transport.write_file_atomic(path, format_map(entries, name).encode())
+        self._postmap(path)
+
+    def _reference(self, saved: list[_Saved], wanted: Mapping[str, str]) -> None:
+        """Make main.cf's map lists name mailrec's maps (postconf -e), if they do not."""
+        current = self._postconf(wanted)
+        changes: dict[str, str] = {}
+        for name, ref in wanted.items():
+            value = current[name]
+            if name == "local_recipient_maps" and not value.strip():
+                continue  # accepts every address already (see _validates)
+            new = with_map(value, ref)
+            if new != value:
+                changes[name] = check_map_list(name, new)
+        if not changes:
+            return
+        main_cf = self._path("main.cf")
+        old = self.transport.read_file(main_cf)
+        if old is None:
+            raise PostfixError(f"{main_cf} does not exist")
+        self.transport.write_file_atomic(main_cf + ".bak", old, backup=False)
+        saved.append(_Saved(main_cf, old, compiled=False))
+        self._run(
+            "postconf -e",
+            ["postconf", "-c", self.config_dir, "-e", *(f"{k}={v}" for k, v in changes.items())],
+        )
+        written = self._postconf(changes)
+        if written != changes:
+            raise PostfixError(f"main.cf reads back {written}, expected {changes}")
+
+    def _check_and_reload(self) -> None:
+        for action in ("check", "reload"):
+            result = self.transport.run(["postfix", "-c", self.config_dir, action], check=False)
+            if not result.ok:
+                detail = self.transport.mask(result.stderr.decode("utf-8", "replace").strip())
+                raise PostfixError(
+                    f"postfix -c {self.config_dir} {action} exited {result.exit_status}: "
+                    + (detail[-400:] or f"no output; see the mail log {self.log_file}")
+                )
+
+    @contextlib.contextmanager
+    def _change(self, what: str) -> Iterator[list[_Saved]]:
+        saved: list[_Saved] = []
+        try:
+            yield saved
+            self._check_and_reload()
+        except (TransportError, PostfixError, UnsafePathError) as exc:
+            problems = self._restore(saved)
+            restored = ", ".join(dict.fromkeys(s.path for s in saved)) or "nothing written"
+            note = (
+                f"; restoring failed too: {'; '.join(problems)}" if problems
+                else f"; restored: {restored}"
+            )
+            raise PostfixError(f"{self.transport.host}: {what} failed: {exc}{note}") from exc
+
+    def _restore(self, saved: list[_Saved]) -> list[str]:
+        """Put back every file a failed change wrote, newest first; returns what failed."""
+        problems: list[str] = []
+        done: set[str] = set()
+        for item in reversed(saved):
+            if item.path in done:
+                continue
+            done.add(item.path)
+            # A file written twice is restored once, to its content before the change.
+            first = next(s for s in saved if s.path == item.path)
+            try:
+                if first.content is None:
+                    # A new map is left empty rather than deleted: main.cf may name it.
+                    name = posixpath.basename(item.path)
+                    data = format_map({}, name).encode()
+                else:
+                    data = first.content
+                self.transport.write_file_atomic(item.path, data, backup=False)
+                if item.compiled:
+                    self._postmap(item.path)
+            except (TransportError, PostfixError) as exc:
+                problems.append(f"{item.path}: {exc}")
+        return problems
+
+
+def _refs(value: str) -> list[str]:
+    return value.replace(",", " ").split()

@@ -1,0 +1,163 @@
+"""The non-lab backend end to end: `mailrec plan` and `mailrec apply` through the CLI against a
+real Postfix over real sshd on 127.0.0.2 (tests/integration/onprem.py), a real BIND 9 on
+127.0.0.4 (tests/dns_server.py) and the lab rental SMTP server on 127.0.0.3, probed by the
+`manual` rental provider at `rental.smtp_host:relay_port`. One user's inbound moves; the other
+systems must stay untouched. Under CI=true a missing service fails these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.dns_server import NamedServer, named_or_unavailable
+from tests.integration.onprem import (
+    DOMAIN,
+    RENTAL_ADDRESS,
+    OnpremStack,
+    send,
+    start_onprem_stack,
+    wait_for,
+)
+from tests.integration.services import ServiceStack, make_base_dir, start_or_unavailable
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def onprem() -> Iterator[OnpremStack]:
+    stack = ServiceStack()
+    base = stack.add_dir(make_base_dir("mailrec-backend-"))
+    try:
+        yield start_or_unavailable(lambda: start_onprem_stack(stack, base))
+    finally:
+        stack.stop_all()
+
+
+@pytest.fixture(scope="module")
+def named() -> Iterator[NamedServer]:
+    with named_or_unavailable() as server:
+        yield server
+
+
+def write_state(directory: Path, onprem: OnpremStack, named: NamedServer,
+                users: dict[str, str], *, dns_provider: str = "rfc2136") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    secret = directory / "tsig.secret"
+    secret.write_text(named.secret + "\n")
+    secret.chmod(0o600)
+    lines = "".join(f"  {name}: {{inbound: {side}, outbound: onprem}}\n"
+                    for name, side in users.items()) or "  {}\n"
+    (directory / "mailrec.yaml").write_text(f"""\
+version: 1
+domain: {DOMAIN}
+onprem:
+  connect: {onprem.sshd.connect("root")}
+  config_dir: {onprem.config_dir}
+  mx_host: mail.example.co.jp.
+  public_ip: 198.51.100.10
+  mailbox: maildir:~/Maildir
+  log_file: {onprem.postfix.maillog}
+rental:
+  provider: manual
+  mx_host: example.sakura.ne.jp.
+  smtp_host: {RENTAL_ADDRESS}
+  relay_port: {onprem.rental.relay_port}
+  spf: "include:_spf.example.sakura.ne.jp"
+  whitelist: []
+dns:
+  provider: {dns_provider}
+  server: {named.address}:{named.port}
+  tsig: {{name: {named.key_name}, algorithm: {named.algorithm}, secret: "file:{secret}"}}
+  mx: onprem
+  ttl: 3600
+  cutover_ttl: 300
+users:
+{lines}policy:
+  max_change_pct: 50
+  quiet_period: 48h
+""")
+    return directory
+
+
+def ssh_env(onprem: OnpremStack, known_hosts: Path | None = None) -> dict[str, str]:
+    return {
+        "MAILREC_KNOWN_HOSTS": str(known_hosts or onprem.sshd.known_hosts),
+        "MAILREC_SSH_KEY": str(onprem.sshd.client_key),
+        "MAILREC_LAB": "",
+        "MAILREC_NOW": "",
+    }
+
+
+def zone_snapshot(named: NamedServer) -> tuple[tuple[str, ...], ...]:
+    """The apex's SOA (serial included), MX and TXT records, order-free with their TTLs."""
+    snapshot = []
+    for kind in ("SOA", "MX", "TXT"):
+        rrset = named.query(kind)
+        assert rrset is not None
+        snapshot.append((str(rrset.ttl), *sorted(r.to_text() for r in rrset)))
+    return tuple(snapshot)
+
+
+def test_one_inbound_move_end_to_end(
+    onprem: OnpremStack, named: NamedServer, tmp_path: Path
+) -> None:
+    moving, *staying = onprem.users.create(4)
+    onprem.add_rental_mailbox(moving)
+    users = {moving: "rental", **dict.fromkeys(staying, "onprem")}
+    state = write_state(tmp_path / "state", onprem, named, users)
+    env = ssh_env(onprem)
+    zone = zone_snapshot(named)
+
+    planned = run_cli("plan", "--state", str(state), "--format", "json", env=env)
+    assert planned.exit_code == 2, planned.stderr
+    steps = {s["id"]: s["status"] for s in json.loads(planned.output)["steps"]}
+    assert steps == {
+        "onprem/recipient-maps": "ready",
+        f"inbound/{moving}": "ready",
+        f"onprem-mailbox/{moving}": "ready",
+    }
+
+    applied = run_cli("apply", "--state", str(state), "--yes", env=env)
+    assert applied.exit_code in (0, 2), applied.output + applied.stderr
+    for step in steps:
+        assert f"applied {step}" in applied.output
+    dump = subprocess.run(
+        ["postmap", "-s", f"hash:{onprem.config_dir / 'mailrec_transport'}"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert f"{moving}@{DOMAIN}\tsmtp:[{RENTAL_ADDRESS}]:{onprem.rental.relay_port}" in dump
+    assert all(user not in dump for user in staying)
+    assert zone_snapshot(named) == zone  # nothing to change in DNS: not even the serial
+
+    again = run_cli("plan", "--state", str(state), env=env)
+    assert again.exit_code == 0, again.output + again.stderr
+    # What the plan promised, mail shows: accepted onprem, delivered at the rental.
+    assert send(onprem, f"{moving}@{DOMAIN}", "cli-moved")[0] == 250
+    wait_for([onprem.rental_maildir(moving)], "cli-moved")
+
+
+def test_unknown_host_key_is_an_error_naming_the_host(
+    onprem: OnpremStack, named: NamedServer, tmp_path: Path
+) -> None:
+    state = write_state(tmp_path / "state", onprem, named, {})
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    result = run_cli("plan", "--state", str(state), env=ssh_env(onprem, empty))
+    assert result.exit_code == 1
+    assert f"onprem host {onprem.sshd.connect('root')}" in result.stderr
+    assert "not in" in result.stderr and "ssh-keyscan" in result.stderr
+
+
+def test_lab_dns_outside_a_lab_is_an_error(
+    onprem: OnpremStack, named: NamedServer, tmp_path: Path
+) -> None:
+    state = write_state(tmp_path / "state", onprem, named, {}, dns_provider="lab")
+    result = run_cli("plan", "--state", str(state), env=ssh_env(onprem))
+    assert result.exit_code == 1
+    assert "dns.provider lab" in result.stderr and "--lab" in result.stderr
