@@ -104,6 +104,7 @@ def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = F
     except (OSError, RuntimeError, ValueError) as exc:
         fail(f"cannot observe: {exc}")
     finally:
+        backend.close()
         if journal is not None:
             journal.close()
 
@@ -242,6 +243,7 @@ def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None,
     except (OSError, RuntimeError, ValueError) as exc:
         fail(f"cannot observe: {exc}")
     finally:
+        backend.close()
         journal.close()
     for outcome in report.outcomes:
         if outcome.result == "failed":

@@ -125,6 +125,7 @@ class Daemon:
             self.metrics.rounds.labels("error").inc()
             return 1
         journal = Journal(self.lab.journal_dir if self.lab else loaded.directory / ".mailrec")
+        backend: SystemBackend | None = None
         try:
             backend = SystemBackend(loaded.state, lab=self.lab, state_dir=loaded.directory)
             report = reconcile(loaded, backend, journal, clock.now, allow_bulk=self.allow_bulk)
@@ -137,6 +138,8 @@ class Daemon:
             self.metrics.rounds.labels("error").inc()
             return 1
         finally:
+            if backend is not None:
+                backend.close()  # one SSH connection per host per round, not left open
             journal.close()
         for outcome in report.outcomes:
             self.metrics.applied.labels(outcome.result).inc()
