@@ -350,3 +350,19 @@ def test_python_m_reconciler_help() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("validate", "plan", "apply", "status", "ack", "schema", "lab"):
         assert command in result.stdout
+
+
+def test_rental_plugin_that_does_not_import_is_exit_1_before_connecting(tmp_path: Path) -> None:
+    """Issue 3's bad input through the real CLI (no --lab): the plug-in's import error is
+    named, exit 1, and no host is contacted (onprem points at a closed loopback port)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    text = (REPO / "state" / "mailrec.yaml").read_text()
+    text = text.replace("provider: manual ", "provider: no_such_module_xyz:Provider ")
+    text = text.replace("ssh://root@mail.example.co.jp:22", "ssh://root@127.0.0.9:1")
+    (state / "mailrec.yaml").write_text(text)
+    (state / "users.yaml").write_text((REPO / "state" / "users.yaml").read_text())
+    result = run_cli("plan", "--state", str(state), env={"MAILREC_LAB": ""})
+    assert result.exit_code == EXIT_ERROR
+    assert "no_such_module_xyz" in result.stderr
+    assert not (state / ".mailrec").exists()

@@ -26,7 +26,7 @@ from reconciler.drivers.rental.base import (
     RentalProvider,
     RentalSnapshot,
 )
-from reconciler.drivers.rental.registry import load_provider
+from reconciler.drivers.rental.registry import load_provider, provider_class
 from reconciler.drivers.router import LabRouter, RouterDriver, RtxRouter
 from reconciler.lab.layout import LabLayout
 from reconciler.model import DesiredState, Rental, Side
@@ -105,6 +105,9 @@ class SystemBackend:
             # Given by the caller, or MAILREC_KNOWN_HOSTS; None lets the router and rental
             # drivers use their own default (~/.ssh/known_hosts), as before.
             known_hosts = known_hosts or _env_path("MAILREC_KNOWN_HOSTS")
+            # A plug-in that does not import is a configuration error: say so before any
+            # connection is opened.
+            provider_class(state.rental.provider)
             if state.dns.provider == "lab":
                 raise BackendError(
                     "dns.provider lab is the lab's zone file: use it with --lab DIR, or set "
