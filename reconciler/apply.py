@@ -169,4 +169,14 @@ def reconcile(
             world = observed
         _, report.final = observe_and_plan(loaded, backend, journal, clock(),
                                            allow_bulk=allow_bulk)
+        _spend_acks(journal, report.final, clock())
         return report
+
+
+def _spend_acks(journal: Journal, final: Plan, now: datetime) -> None:
+    """Acks of manual steps whose change is now observed are used up (outbound acks are the
+    record of a client setting and stay)."""
+    pending = {p.id for p in final.steps}
+    for step_id in JournalView.read(journal).acked:
+        if step_id not in pending and not step_id.startswith("outbound/"):
+            journal.record(now, "observe", step_id, "noted", detail={"ack_spent": True})

@@ -51,8 +51,18 @@ class JournalView:
         for event in journal.events(step="dns/mx-ttl"):
             if event.result == "ok" and event.detail.get("lowering"):
                 lowered = event.at
+        # An ack is spent once the change it confirmed was observed (recorded by `apply`): if
+        # the same change is needed again later, a person must be asked again.
+        for step_id in list(acked):
+            live = False
+            for event in journal.events(step=step_id):  # in the order they were recorded
+                if event.kind == "ack":
+                    live = True
+                elif event.kind == "observe" and event.detail.get("ack_spent"):
+                    live = False
+            if not live:
+                acked.discard(step_id)
         moved = journal.last("dns/mx")
-        # After a move, acks of manual steps are spent: a later, new request needs a new ack.
         return JournalView(outbound, lowered, moved.at if moved else None, frozenset(acked))
 
 

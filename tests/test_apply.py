@@ -13,6 +13,7 @@ from reconciler.drivers.backend import SystemBackend
 from reconciler.journal import Journal, LockedError
 from reconciler.lab.layout import LabLayout
 from reconciler.load import load_state
+from reconciler.observe import JournalView
 from reconciler.plan import Status
 from reconciler.render import plan_json
 from reconciler.steps import MoveInbound, Step
@@ -147,4 +148,18 @@ def test_a_step_that_would_break_a_rule_never_runs(lab: LabLayout,
     assert refused is not None and refused.status is Status.REFUSED
     assert "MR001" in {f.code for f in refused.findings}
     assert "suga" not in (lab.postfix_dir / "mailrec_transport").read_text()
+    journal.close()
+
+
+def test_an_ack_is_spent_once_its_change_is_observed(lab: LabLayout) -> None:
+    """The manual-provider flow: an ack confirms one change; when the change is needed again
+    later (the mailbox vanished), a person is asked again instead of waiting on the old ack."""
+    state, journal = _setup(lab)
+    loaded = load_state(state)
+    journal.record(NOW, "ack", "mailbox/suga", "noted", detail={"note": "created"})
+    backend = FailingBackend(loaded.state, lab=lab)
+    reconcile(loaded, backend, journal, clock)  # lab provider: the mailbox is created, observed
+    assert "mailbox/suga" not in JournalView.read(journal).acked
+    journal.record(NOW, "ack", "mailbox/suga", "noted")
+    assert "mailbox/suga" in JournalView.read(journal).acked  # a new ack counts again
     journal.close()
