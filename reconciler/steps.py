@@ -110,7 +110,7 @@ class Step:
 _VERIFIED_USER_FIELDS = ("onprem_account", "route", "relay_recipient", "rental_mailbox", "outbound")
 
 
-def _ack_gate(step: Step, ctx: Context, what: str, instructions: tuple[str, ...]) -> Gate | None:
+def _ack_gate(step: Step, what: str, instructions: tuple[str, ...]) -> Gate:
     return Gate(
         "ack",
         f"waiting for a person: {what}; then run `mailrec ack {step.id}`",
@@ -152,7 +152,7 @@ class CreateMailbox(Step):
                 f"acknowledged, but the rental does not show mailbox {self.user} yet "
                 "(checked by SMTP RCPT probe)",
             )
-        return _ack_gate(self, ctx, f"create mailbox {self.user}@{ctx.domain}", (text,))
+        return _ack_gate(self, f"create mailbox {self.user}@{ctx.domain}", (text,))
 
     def describe(self) -> str:
         return f"create rental mailbox {self.user}"
@@ -297,7 +297,6 @@ class MoveOutbound(Step):
     def gate(self, world: World, ctx: Context) -> Gate | None:
         return _ack_gate(
             self,
-            ctx,
             f"change the outgoing mail server of {self.user}",
             self.instructions(ctx),
         )
@@ -571,7 +570,7 @@ class ChangeWhitelist(Step):
         if self.id in ctx.acked:
             return Gate("observation", "acknowledged, but the rental does not show it yet")
         verb = "add" if self.add else "remove"
-        return _ack_gate(self, ctx, f"{verb} {self.network} in the rental's relay whitelist",
+        return _ack_gate(self, f"{verb} {self.network} in the rental's relay whitelist",
                          (text,))
 
     def describe(self) -> str:
