@@ -63,7 +63,8 @@ def build_plan(
     *,
     allow_bulk: bool = False,
 ) -> Plan:
-    ctx = Context.of(loaded.state, allow_bulk=allow_bulk, acked=view.acked, instructor=instructor)
+    ctx = Context.of(loaded.state, allow_bulk=allow_bulk, acked=view.acked, instructor=instructor,
+                     router_filters=view.router_filters)
     with no_gc_pauses():
         steps = diff(loaded.state, world, ctx)
         return make_plan(

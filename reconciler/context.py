@@ -46,6 +46,8 @@ class Context:
     remove_drained_accounts: bool = True
     allow_bulk: bool = False
     acked: frozenset[str] = frozenset()  # step ids a person has confirmed (from the journal)
+    # Router filters mailrec itself created (journal): only these may be removed again.
+    router_filters: frozenset[int] = frozenset()
     instructor: Instructor = field(default=_automated, compare=False)
 
     @staticmethod
@@ -55,6 +57,7 @@ class Context:
         allow_bulk: bool = False,
         acked: frozenset[str] = frozenset(),
         instructor: Instructor = _automated,
+        router_filters: frozenset[int] = frozenset(),
     ) -> Context:
         route = state.router.smtp_route if state.router else None
         return Context(
@@ -76,6 +79,7 @@ class Context:
             allow_bulk=allow_bulk,
             acked=acked,
             instructor=instructor,
+            router_filters=router_filters,
         )
 
     def mx_host(self, side: str) -> str:

@@ -132,13 +132,27 @@ def smtp_filter_line(number: int) -> str:
 
 def _router_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]:
     router = world.router
-    if state.router is None or state.router.smtp_route is None or router is None:
+    if state.router is None or router is None:
         return []
     route = state.router.smtp_route
+    # Filters mailrec created before and no longer wants (renumbered, or policy removed).
+    stale = sorted((ctx.router_filters & router.filters) - ({route.filter} if route else set()))
     steps: list[Step] = []
-    if route.filter not in router.filters:
-        steps.append(SetRouterFilter(route.filter, True, smtp_filter_line(route.filter)))
-    desired = ((route.gateway, (route.filter,)), (route.otherwise, ()))
-    if router.default_route != desired:
+    desired: tuple[tuple[str, tuple[int, ...]], ...] | None
+    if route is not None:
+        if route.filter not in router.filters:
+            steps.append(SetRouterFilter(route.filter, True, smtp_filter_line(route.filter)))
+        desired = ((route.gateway, (route.filter,)), (route.otherwise, ()))
+    elif stale and router.default_route is not None:
+        # The policy is gone: keep the route's gateways that select none of mailrec's filters.
+        desired = tuple(
+            (gateway, filters) for gateway, filters in router.default_route
+            if not set(filters) & set(stale)
+        )
+    else:
+        desired = router.default_route
+    if desired and router.default_route != desired:
         steps.append(SetDefaultRoute(router.default_route, desired))
+    # Removed only after no route references them (rank CLEANUP; MR009 checks it).
+    steps.extend(SetRouterFilter(n, False, smtp_filter_line(n)) for n in stale)
     return steps

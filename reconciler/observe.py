@@ -32,6 +32,7 @@ class JournalView:
     mx_ttl_lowered_at: datetime | None
     mx_moved_at: datetime | None
     acked: frozenset[str]
+    router_filters: frozenset[int] = frozenset()
 
     @staticmethod
     def read(journal: Journal | None) -> JournalView:
@@ -63,7 +64,14 @@ class JournalView:
             if not live:
                 acked.discard(step_id)
         moved = journal.last("dns/mx")
-        return JournalView(outbound, lowered, moved.at if moved else None, frozenset(acked))
+        created: set[int] = set()
+        for event in journal.events(kind="apply"):
+            if event.result == "ok" and event.step and event.step.startswith("router/filter/"):
+                number = event.detail.get("filter")
+                if isinstance(number, int):
+                    (created.add if event.detail.get("present") else created.discard)(number)
+        return JournalView(outbound, lowered, moved.at if moved else None, frozenset(acked),
+                           frozenset(created))
 
 
 def build_world(

@@ -620,7 +620,7 @@ class SetRouterFilter(Step):
         return self.line if self.present else f"no ip filter {self.number}"
 
     def data(self) -> dict[str, object]:
-        return {"commands": [self.describe()]}
+        return {"commands": [self.describe()], "filter": self.number, "present": self.present}
 
     def verify(self, expected: World, observed: World) -> list[str]:
         if observed.router is None or (self.number in observed.router.filters) != self.present:

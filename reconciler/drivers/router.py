@@ -42,6 +42,14 @@ def commands_for(step: Step, config: RtxConfig, state: DesiredState) -> list[str
     route = state.router.smtp_route if state.router else None
     desired = SmtpRoute(route.filter, route.gateway, route.otherwise) if route else None
     managed = route.filter if route else None
+    # Renumbering or removing: the filter mailrec set up before is the one being left.
+    if isinstance(step, SetRouterFilter) and not step.present:
+        managed = step.number
+    elif isinstance(step, SetDefaultRoute) and step.before:
+        after = {f for _, filters in step.after for f in filters}
+        dropped = [f for _, filters in step.before for f in filters if f not in after]
+        if dropped:
+            managed = dropped[0]
     commands = plan_commands(config, desired, managed)
     if isinstance(step, SetRouterFilter):
         wanted = f"ip filter {step.number} "
