@@ -67,3 +67,24 @@ def test_a_filter_mailrec_did_not_create_is_never_removed(lab: LabLayout) -> Non
     ids = [i for i, _ in _plan_ids(lab)]
     assert "router/filter/10" in ids
     assert not any(i.startswith("router/filter/2") for i in ids)
+
+
+def test_renumber_over_ssh_to_the_emulator(lab: LabLayout) -> None:
+    """The same change through `lab up`: the commands travel over SSH to the RTX emulator
+    (host key pinned), which saves the file."""
+    from reconciler.lab.services import start_services, stop_services
+
+    services = start_services(lab)
+    try:
+        assert "rtx_ssh" in services
+        _apply(lab)
+        state = lab.root / "state" / "mailrec.yaml"
+        state.write_text(state.read_text().replace("    filter: 10\n", "    filter: 20\n"))
+        _apply(lab)
+        text = lab.router_config.read_text()
+        assert "ip route default gateway 192.168.0.254 filter 20 gateway tunnel 2" in text
+        assert "ip filter 20 pass * * tcp * smtp" in text
+        assert "ip filter 10 " not in text
+        assert _plan_ids(lab) == []
+    finally:
+        stop_services(lab)
