@@ -19,7 +19,7 @@ from reconciler.drivers.postfix import (
     PostfixError,
     PostfixFacts,
     count_maildir,
-    format_map,
+    edit_map,
     last_mail_seen,
     parse_main_cf,
     parse_map,
@@ -100,13 +100,8 @@ class LabOnprem:
     def _update_map(self, name: str, user: str, value: str | None) -> None:
         if not USER_NAME_RE.match(user):
             raise PostfixError(f"refusing unsafe user name {user!r}")
-        entries = parse_map(self._read(name))
-        key = f"{user}@{self.domain}"
-        if value is None:
-            entries.pop(key, None)
-        else:
-            entries[key] = value
-        write_atomic(self._etc / name, format_map(entries, name))
+        text = edit_map(self._read(name), {f"{user}@{self.domain}": value}, name)
+        write_atomic(self._etc / name, text)
 
     def route_to_rental(self, user: str, smtp_host: str, port: int) -> None:
         # Accept first, then forward: at no moment is a forwarded user answered 550 (MR007).

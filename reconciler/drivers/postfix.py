@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -102,6 +103,18 @@ def parse_map(text: str) -> dict[str, str]:
         key, *value = line.split(None, 1)
         entries[key.lower()] = value[0].strip() if value else ""
     return entries
+
+
+def edit_map(text: str, changes: Mapping[str, str | None], header: str) -> str:
+    """A managed map source with `changes` applied (None drops a key): the one edit both the
+    lab and the real-host driver make."""
+    entries = parse_map(text)
+    for key, value in changes.items():
+        if value is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = value
+    return format_map(entries, header)
 
 
 def format_map(entries: dict[str, str], header: str) -> str:

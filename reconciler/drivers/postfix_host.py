@@ -41,6 +41,7 @@ from reconciler.drivers.postfix import (
     TRANSPORT_MAP,
     PostfixError,
     PostfixFacts,
+    edit_map,
     format_map,
     last_mail_seen,
     parse_main_cf,
@@ -517,16 +518,11 @@ class PostfixHost:
         """Rewrite one managed map with `changes` (None removes a key) and compile it."""
         path = self._path(name)
         old = self.transport.read_file(path)
-        entries = parse_map(old.decode("utf-8", "replace") if old else "")
-        for key, value in changes.items():
-            if value is None:
-                entries.pop(key, None)
-            else:
-                entries[key] = value
+        text = edit_map(old.decode("utf-8", "replace") if old else "", changes, name)
         saved.append(_Saved(path, old, compiled=True))
         # Written and compiled even when unchanged: a source someone edited without running
         # postmap would otherwise keep disagreeing with the table Postfix reads.
-        self.transport.write_file_atomic(path, format_map(entries, name).encode())
+        self.transport.write_file_atomic(path, text.encode())
         self._postmap(path)
 
     def _reference(self, saved: list[_Saved], wanted: Mapping[str, str]) -> None:
