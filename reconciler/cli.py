@@ -22,7 +22,7 @@ from reconciler.journal import Journal, LockedError
 from reconciler.lab.layout import LabLayout
 from reconciler.load import LoadedState, StateError, load_from_git, load_state
 from reconciler.model import DesiredState
-from reconciler.plan import Status, static_findings
+from reconciler.plan import Status
 from reconciler.render import (
     render_json,
     render_markdown,
@@ -32,6 +32,7 @@ from reconciler.render import (
 )
 from reconciler.safety import check_transition
 from reconciler.secrets import describe_secret
+from reconciler.static import static_findings
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import IntEnum
 from functools import lru_cache
 
 import immutables
@@ -125,24 +126,94 @@ class DnsFacts:
         return term in self.spf_terms
 
 
+class Coverage(IntEnum):
+    """How much of the office's SMTP traffic (tcp to port 25, from a LAN host, from an
+    ephemeral port, to an Internet address mailrec cannot know in advance) a filter matches."""
+
+    NONE = 0  # none of it (another protocol or port, a source outside the LAN)
+    SOME = 1  # part of it, or mailrec cannot tell (address lists, names, tcp flags)
+    ALL = 2  # all of it
+
+
+@dataclass(frozen=True, slots=True)
+class FilterVerdict:
+    """What one static router filter does to the office's SMTP traffic it matches."""
+
+    passes: bool  # pass / restrict: the gateway it guards is chosen; reject: skipped
+    coverage: Coverage
+
+
+SMTP_PASS = FilterVerdict(True, Coverage.ALL)  # `ip filter N pass * * tcp * smtp`
+RouteEntries = tuple[tuple[str, tuple[int, ...]], ...]  # ((gateway, (filter, ...)), ...)
+
+
+def tcp25_egress(
+    route: RouteEntries | None, verdicts: Mapping[int, FilterVerdict]
+) -> tuple[str, ...]:
+    """Every gateway the office's SMTP traffic may leave through, by the router's first-match
+    rules: gateways are tried in the order written; in a gateway's filter list the first
+    filter that matches a packet decides (pass: this gateway; reject: the next gateway); a
+    filter that matches nothing (or is not defined) lets the packet on to the next filter;
+    a gateway without filters takes everything that reaches it.
+
+    Where a filter matches only part of the traffic (or mailrec cannot tell), both outcomes
+    are followed, so the answer is every gateway some client's mail may take: () means SMTP
+    has no route at all. Safety (MR005) and the router driver both ask this function.
+    """
+    possible: list[str] = []
+    for gateway, filters in route or ():
+        if not filters:
+            possible.append(gateway)
+            return tuple(dict.fromkeys(possible))
+        for number in filters:
+            verdict = verdicts.get(number)
+            if verdict is None or verdict.coverage is Coverage.NONE:
+                continue
+            if verdict.passes:
+                possible.append(gateway)
+                if verdict.coverage is Coverage.ALL:
+                    return tuple(dict.fromkeys(possible))  # nothing is left for later gateways
+            elif verdict.coverage is Coverage.ALL:
+                break  # all of it skips this gateway
+    return tuple(dict.fromkeys(possible))
+
+
 @dataclass(frozen=True, slots=True)
 class RouterFacts:
-    filters: frozenset[int] = frozenset()  # filters that pass tcp/25 (the managed kind)
+    filters: frozenset[int] = frozenset()  # filters that are exactly mailrec's smtp pass
     other_filters: frozenset[int] = frozenset()  # defined, but something else
     # The default route as ((gateway, (filter, ...)), ...); None: no default route at all.
-    default_route: tuple[tuple[str, tuple[int, ...]], ...] | None = (("tunnel 1", ()),)
+    default_route: RouteEntries | None = (("tunnel 1", ()),)
+    # Per defined static filter: what it does to the office's SMTP traffic. A filter missing
+    # here while defined counts as "may pass some of it" (fail closed).
+    verdicts: Mapping[int, FilterVerdict] = field(default_factory=dict)
+    # Per defined static filter: its line as the router shows it (MR014 names it).
+    filter_lines: Mapping[int, str] = field(default_factory=dict)
+    # Per filter number: the lines other than the default route that use or define that
+    # number in another namespace (secure filter lists, filter sets, dynamic and IPv6
+    # filters, forward and RIP filters, ...). mailrec never takes such a number (MR014).
+    references: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
 
     def has_unfiltered_default(self) -> bool:
         return self.default_route is not None and any(not f for _, f in self.default_route)
 
+    def verdict(self, number: int) -> FilterVerdict | None:
+        if number in self.filters:
+            return SMTP_PASS
+        if number not in self.other_filters:
+            return None  # not defined: the router matches nothing with it
+        return self.verdicts.get(number, FilterVerdict(True, Coverage.SOME))
+
+    def smtp_egress(self) -> tuple[str, ...]:
+        """Every gateway the office's tcp/25 may leave through (see `tcp25_egress`)."""
+        defined = self.filters | self.other_filters
+        verdicts = {n: v for n in defined if (v := self.verdict(n)) is not None}
+        return tcp25_egress(self.default_route, verdicts)
+
     def smtp_gateway(self) -> str | None:
-        """The gateway tcp/25 leaves through, if a defined smtp filter selects one."""
-        if self.default_route is None:
-            return None
-        for gateway, filters in self.default_route:
-            if any(f in self.filters for f in filters):
-                return gateway
-        return None
+        """The one gateway all tcp/25 leaves through, or None if that is not certain."""
+        egress = self.smtp_egress()
+        return egress[0] if len(egress) == 1 else None
 
 
 @dataclass(frozen=True, slots=True)
