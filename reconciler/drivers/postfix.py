@@ -134,9 +134,11 @@ def parse_passwd(text: str) -> dict[str, Path]:
     return users
 
 
-def users_in_map(entries: dict[str, str], domain: str) -> set[str]:
+def users_in_map(entries: dict[str, str], domain: str) -> dict[str, str]:
+    """The map's `user@domain` entries as user -> value (mailrec compares the value with
+    what the state would write: a changed one is drift, MR018)."""
     suffix = "@" + domain.lower()
-    return {k[: -len(suffix)] for k in entries if k.endswith(suffix)}
+    return {k[: -len(suffix)]: v for k, v in entries.items() if k.endswith(suffix)}
 
 
 def _log_time(line: str, now: datetime) -> datetime | None:
@@ -186,8 +188,8 @@ def count_maildir(path: Path) -> int:
 @dataclass(frozen=True)
 class PostfixFacts:
     accounts: dict[str, int]  # user -> messages in the onprem mailbox
-    transport: set[str]  # users forwarded to the rental
-    recipients: set[str]  # users in mailrec's recipient map
+    transport: dict[str, str]  # users with an entry in mailrec's transport map -> its value
+    recipients: dict[str, str]  # users in mailrec's recipient map -> its value ("OK")
     recipient_validation: bool
     last_mail_at: datetime | None
     retired: bool

@@ -9,8 +9,8 @@ Observation is a constant number of commands, whatever the number of users (DESI
   find DIR -maxdepth 1 -name 'mailrec_*'     which managed files exist
   postconf -c DIR local_recipient_maps transport_maps
   getent passwd
-  postmap -s hash:DIR/mailrec_transport      (skipped while the map does not exist: empty)
-  postmap -s hash:DIR/mailrec_recipients     (same)
+  postmap -c DIR -s hash:DIR/mailrec_transport    (skipped while the map does not exist: empty)
+  postmap -c DIR -s hash:DIR/mailrec_recipients   (same)
   read DIR/mailrec_removed                   (if it exists)
   sh -c '{ find ...; } | uniq -c'            one scan of all mailboxes, counted on the host
   tail -n 5000 LOG                           (+ LOG.1 when LOG shows no mail yet: rotation)
@@ -22,6 +22,12 @@ Every change follows one discipline: write the map source atomically keeping a `
 change wrote is put back and re-compiled, and a `PostfixError` says what failed and what was
 restored. User names are held to `USER_NAME_RE`, paths to `safe_path`, and every command is
 an argv list that the transport quotes part by part; the one shell script is a constant.
+
+Every Postfix command names the instance's config directory (`postconf -c DIR`, `postmap -c
+DIR`, `postfix -c DIR`, and so would postqueue/postsuper): without `-c` they read the
+system's /etc/postfix/main.cf, which is another instance on a multi-instance host and does not
+exist at all where Postfix was installed with "No configuration" (`postmap: fatal: open
+/etc/postfix/main.cf`). tests/test_postfix_commands.py holds every driver command to it.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 from reconciler import clock
 from reconciler.drivers.postfix import (
@@ -90,6 +96,9 @@ if [ "$starts" = 0 ]; then echo "1 {_STATUS_TAG} 0"; exit 0; fi
 _MAP_LIST_RE: Final = re.compile(r"^[A-Za-z0-9_$:/.,{}=@+ -]*$")
 _HOSTNAME_RE: Final = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _GLOB_CHARS: Final = frozenset("*?[]\\")
+# The Postfix programs mailrec runs; each reads main.cf, so each gets `-c config_dir`.
+PostfixProgram = Literal["postconf", "postmap", "postfix", "postqueue", "postsuper"]
+POSTFIX_PROGRAMS: Final = frozenset(get_args(PostfixProgram))
 
 
 # --- mailbox locations ------------------------------------------------------------------------
@@ -279,6 +288,10 @@ class PostfixHost:
     def _path(self, name: str) -> str:
         return safe_path(f"{self.config_dir}/{name}")
 
+    def _command(self, program: PostfixProgram, *args: str) -> list[str]:
+        """A Postfix command of this instance: `-c DIR` right after the program, always."""
+        return [program, "-c", self.config_dir, *args]
+
     def _run(self, what: str, argv: list[str]) -> CommandResult:
         try:
             return self.transport.run(argv)
@@ -287,7 +300,7 @@ class PostfixHost:
 
     def _postconf(self, names: Iterable[str]) -> dict[str, str]:
         listed = list(names)
-        result = self._run("postconf", ["postconf", "-c", self.config_dir, *listed])
+        result = self._run("postconf", self._command("postconf", *listed))
         values = parse_main_cf(result.text)
         return {name: values.get(name, "") for name in listed}
 
@@ -301,7 +314,8 @@ class PostfixHost:
     def _dump_map(self, name: str, present: frozenset[str]) -> dict[str, str]:
         if f"{name}.db" not in present:
             return {}  # never compiled: Postfix has no such table yet, mailrec routes nobody
-        result = self._run(f"dump {name}", ["postmap", "-s", f"hash:{self._path(name)}"])
+        argv = self._command("postmap", "-s", f"hash:{self._path(name)}")
+        result = self._run(f"dump {name}", argv)
         return parse_map(result.text)
 
     def _removed(self, present: frozenset[str] | None = None) -> dict[str, str]:
@@ -347,7 +361,7 @@ class PostfixHost:
             transport=(
                 users_in_map(transport, self.domain)
                 if transport_map_ref(self.config_dir) in _refs(params["transport_maps"])
-                else set()
+                else {}
             ),
             recipients=users_in_map(recipients, self.domain),
             recipient_validation=self._validates(params["local_recipient_maps"]),
@@ -362,7 +376,7 @@ class PostfixHost:
 
     def _running(self) -> bool:
         try:
-            result = self.transport.run(["postfix", "-c", self.config_dir, "status"], check=False)
+            result = self.transport.run(self._command("postfix", "status"), check=False)
         except TransportError as exc:
             raise PostfixError(f"postfix status: {exc}") from exc
         return result.ok
@@ -462,7 +476,7 @@ class PostfixHost:
         if exists.exit_status > 1:
             raise PostfixError(f"test -e {location} exited {exists.exit_status}")
         if exists.ok:
-            stamp = clock.now().strftime("%Y%m%dT%H%M%SZ")
+            stamp = clock.wall().strftime("%Y%m%dT%H%M%SZ")
             archived = safe_path(f"{location}{ARCHIVE_INFIX}{stamp}")
             self._run(f"archive {location}", ["mv", "-T", "--", location, archived])
         # Renamed first, listed second: a failure in between leaves an account without a
@@ -489,10 +503,11 @@ class PostfixHost:
                                                   "-quit"])
         if waiting.text.strip():
             raise PostfixError(
-                "the onprem queue still holds messages (postqueue -p): retiring would strand "
-                "them; let them be delivered (postqueue -f) or moved first"
+                f"the onprem queue still holds messages (postqueue -c {self.config_dir} -p): "
+                "retiring would strand them; let them be delivered (postqueue -c "
+                f"{self.config_dir} -f) or moved first"
             )
-        stamp = clock.now().isoformat()
+        stamp = clock.wall().isoformat()
         self._write(
             RETIRED_MARKER,
             f"retired by mailrec at {stamp}: Postfix stopped; to undo, remove this file and "
@@ -500,7 +515,7 @@ class PostfixHost:
             backup=False,
         )
         if self._running():
-            self._run("postfix stop", ["postfix", "-c", self.config_dir, "stop"])
+            self._run("postfix stop", self._command("postfix", "stop"))
 
     # --- the change discipline -----------------------------------------------------------
     def _write(self, name: str, data: bytes, *, backup: bool) -> None:
@@ -510,7 +525,7 @@ class PostfixHost:
             raise PostfixError(f"write {name}: {exc}") from exc
 
     def _postmap(self, path: str) -> None:
-        self._run(f"postmap {path}", ["postmap", "-c", self.config_dir, f"hash:{path}"])
+        self._run(f"postmap {path}", self._command("postmap", f"hash:{path}"))
 
     def _edit_map(
         self, name: str, saved: list[_Saved], changes: Mapping[str, str | None]
@@ -546,7 +561,7 @@ class PostfixHost:
         saved.append(_Saved(main_cf, old, compiled=False))
         self._run(
             "postconf -e",
-            ["postconf", "-c", self.config_dir, "-e", *(f"{k}={v}" for k, v in changes.items())],
+            self._command("postconf", "-e", *(f"{k}={v}" for k, v in changes.items())),
         )
         written = self._postconf(changes)
         if written != changes:
@@ -554,7 +569,7 @@ class PostfixHost:
 
     def _check_and_reload(self) -> None:
         for action in ("check", "reload"):
-            result = self.transport.run(["postfix", "-c", self.config_dir, action], check=False)
+            result = self.transport.run(self._command("postfix", action), check=False)
             if not result.ok:
                 detail = self.transport.mask(result.stderr.decode("utf-8", "replace").strip())
                 raise PostfixError(

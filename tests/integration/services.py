@@ -355,10 +355,24 @@ class Postfix:
     queue_dir: Path
     maillog: Path
 
+    def command(self, program: str, *args: str) -> list[str]:
+        """argv of a Postfix tool for this instance: `-c DIR` right after the program, so it
+        never reads the system's /etc/postfix/main.cf (which a fresh CI machine lacks)."""
+        return postfix_command(program, self.config_dir, *args)
+
+    def run(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a Postfix tool of this instance; `check` raises with its stderr on failure."""
+        proc = subprocess.run(
+            self.command(program, *args), capture_output=True, text=True, check=False
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(proc.args)} exited {proc.returncode}: {proc.stderr.strip()}"
+            )
+        return proc
+
     def postconf(self, *names: str) -> str:
-        return _run(
-            [require_binary("postconf"), "-c", str(self.config_dir), "-h", *names], "postconf"
-        ).strip()
+        return _run(self.command("postconf", "-h", *names), "postconf").strip()
 
     def master_pid(self) -> int | None:
         try:
@@ -368,11 +382,7 @@ class Postfix:
 
     def stop(self) -> None:
         pid = self.master_pid()
-        subprocess.run(
-            [require_binary("postfix"), "-c", str(self.config_dir), "stop"],
-            capture_output=True,
-            check=False,
-        )
+        subprocess.run(self.command("postfix", "stop"), capture_output=True, check=False)
         if pid is None:
             return
         deadline = time.monotonic() + 10
@@ -384,6 +394,18 @@ class Postfix:
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+POSTFIX_TOOLS = frozenset({"postconf", "postmap", "postfix", "postqueue", "postsuper",
+                           "postalias", "postcat", "postdrop", "postkick", "postlock", "postlog",
+                           "postmulti"})
+
+
+def postfix_command(program: str, config_dir: Path | str, *args: str) -> list[str]:
+    """argv of a Postfix tool with `-c config_dir` right after the program."""
+    if program not in POSTFIX_TOOLS:
+        raise ValueError(f"{program} is not a Postfix tool")
+    return [require_binary(program), "-c", str(config_dir), *args]
 
 
 def start_postfix(
@@ -403,8 +425,8 @@ def start_postfix(
     compiled with `postmap hash:`. Logs go to `directory/maillog` (there is no syslog here).
     """
     require_root()
-    postfix = require_binary("postfix")
-    postmap_bin = require_binary("postmap")
+    for tool in ("postfix", "postmap"):
+        require_binary(tool)
     ensure_loopback_address(address)
     require_port_free(address, smtp_port)
     config_dir = directory / "etc"
@@ -442,12 +464,15 @@ def start_postfix(
     (config_dir / "master.cf").write_text(_MASTER_CF.format(listen=f"{address}:{smtp_port}"))
     for name, content in (files or {}).items():
         (config_dir / name).write_text(content)
-    for name in postmap:
-        _run([postmap_bin, "-c", str(config_dir), f"hash:{config_dir / name}"], f"postmap {name}")
+    # Postfix tools wait ~2 s for a main.cf written "just now" to settle: backdate it.
+    hour_ago = time.time() - 3600
+    os.utime(config_dir / "main.cf", (hour_ago, hour_ago))
     handle = Postfix(address, smtp_port, directory, config_dir, queue_dir, maillog)
+    for name in postmap:
+        _run(handle.command("postmap", f"hash:{config_dir / name}"), f"postmap {name}")
     try:
-        _run([postfix, "-c", str(config_dir), "check"], f"postfix check ({maillog_hint(maillog)})")
-        _run([postfix, "-c", str(config_dir), "start"], f"postfix start ({maillog_hint(maillog)})")
+        _run(handle.command("postfix", "check"), f"postfix check ({maillog_hint(maillog)})")
+        _run(handle.command("postfix", "start"), f"postfix start ({maillog_hint(maillog)})")
         wait_for_port(address, smtp_port, what="postfix smtpd", log=maillog)
     except BaseException:
         handle.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import imaplib
 import ipaddress
+import logging
 import smtplib
 import stat
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 
 from reconciler.drivers.rental.base import Capability, ProviderContext, ProviderError
 from reconciler.drivers.rental.registry import load_provider
-from reconciler.drivers.rental.ssh import SshProvider
+from reconciler.drivers.rental.ssh import SshProvider, verify_sha512_crypt
 from reconciler.transport import CommandResult, Transport, TransportError
 
 from .conftest import (
@@ -116,6 +117,19 @@ def fail_command(
     return refused
 
 
+def record_argv(monkeypatch: pytest.MonkeyPatch, transport: Transport) -> list[tuple[str, ...]]:
+    """Every argv this transport runs from now on, unmasked (as `ps` on the VPS shows it)."""
+    real_run = transport.run
+    seen: list[tuple[str, ...]] = []
+
+    def run(argv: Sequence[str], **kwargs: object) -> CommandResult:
+        seen.append(tuple(argv))
+        return real_run(argv, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transport, "run", run)
+    return seen
+
+
 # --- construction ------------------------------------------------------------------------
 
 
@@ -197,9 +211,14 @@ def test_observe_costs_the_same_commands_for_1_or_40_mailboxes(
 
 
 def test_create_deliver_read_and_refuse_delete(
-    ssh_provider: SshProvider, rental_vps: RentalVps
+    ssh_provider: SshProvider,
+    rental_vps: RentalVps,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    ssh_provider.create_mailbox("suga")
+    argvs = record_argv(monkeypatch, ssh_provider.transport)
+    with caplog.at_level(logging.DEBUG):
+        ssh_provider.create_mailbox("suga")
 
     # Postfix: the map and its compiled db know the mailbox; the previous map is kept.
     assert f"suga@{DOMAIN}\t{DOMAIN}/suga/" in rental_vps.vmailbox.read_text()
@@ -224,7 +243,15 @@ def test_create_deliver_read_and_refuse_delete(
         line for line in rental_vps.passwd.read_text().splitlines() if line.startswith("suga@")
     )
     assert "{SHA512-CRYPT}$6$" in passwd_line and password not in passwd_line
-    assert password not in " ".join(" ".join(argv) for argv in ssh_provider.transport.history)
+    # Neither the password nor its hash in any command line (`ps`) or log line.
+    hashed = passwd_line.split(":")[1]
+    assert verify_sha512_crypt(password, hashed)
+    ran = " ".join(" ".join(argv) for argv in argvs)
+    assert any(argv[:1] == ("doveadm",) for argv in argvs)
+    for secret in (password, hashed, hashed.rsplit("$", 1)[1]):
+        assert secret not in ran
+        assert secret not in " ".join(" ".join(a) for a in ssh_provider.transport.history)
+        assert secret not in caplog.text
 
     snapshot = ssh_provider.observe()
     assert snapshot.mailboxes["suga"] == 0

@@ -16,6 +16,8 @@ Every change is: write (temp file + rename, previous kept as `.bak`), `postmap`,
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 import posixpath
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar, Final
+from typing import ClassVar, Final, Literal
 
 from reconciler.drivers.rental.base import (
     Capability,
@@ -52,6 +54,18 @@ DOMAIN_RE: Final = re.compile(
 _OWNER_RE: Final = re.compile(r"^(\d{1,10}):(\d{1,10})$")
 _STATIC_RE: Final = re.compile(r"^static:(\d{1,10})$")
 _HASH_RE: Final = re.compile(r"^\{SHA512-CRYPT\}\$6\$[A-Za-z0-9./$]+$")
+_HASH_SCHEME: Final = "{SHA512-CRYPT}"
+# glibc's SHA-512 crypt ("$6$"): `$6$[rounds=N$]SALT$HASH`, salt at most 16 characters.
+_SHA512_CRYPT_RE: Final = re.compile(
+    r"^\$6\$(?:rounds=(\d{1,9})\$)?([./0-9A-Za-z]{0,16})\$([./0-9A-Za-z]{86})$"
+)
+_CRYPT_ALPHABET: Final = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_SHA512_CRYPT_ROUNDS: Final = (5000, 1000, 999_999_999)  # default, min, max
+# verify_sha512_crypt refuses more (doveadm writes the default 5000): a hash read from a host
+# must not make mailrec compute for hours.
+_VERIFY_MAX_ROUNDS: Final = 1_000_000
+# The Postfix programs this provider runs; each gets `-c postfix_dir` (see `_postfix`).
+PostfixProgram = Literal["postconf", "postmap", "postfix", "postqueue", "postsuper"]
 # Map types `postmap` compiles; texthash is read directly (reload picks it up).
 _INDEXED_TYPES: Final = frozenset({"hash", "btree", "lmdb", "cdb", "dbm", "sdbm"})
 # A whitelist entry wider than this turns the VPS into a relay for a good part of the Internet.
@@ -222,6 +236,71 @@ def count_messages(find_output: bytes, maildirs: Mapping[str, str]) -> dict[str,
     return counts
 
 
+def sha512_crypt(password: str, salt: str, rounds: int | None = None) -> str:
+    """glibc's SHA-512 crypt (`$6$`, Drepper's "Unix crypt using SHA-256 and SHA-512"), what
+    `doveadm pw -s SHA512-CRYPT` writes after its `{SHA512-CRYPT}` prefix.
+
+    Here so a hash can be checked against the password without handing the hash to a command
+    (`doveadm pw -t HASH` would put it in argv, which `ps` shows); the `crypt` module is gone
+    from Python 3.13. `rounds=None` is the default 5000, written without `rounds=`.
+    """
+    if any(ch not in _CRYPT_ALPHABET for ch in salt):
+        raise ValueError("a crypt salt is made of [./0-9A-Za-z]")
+    default, low, high = _SHA512_CRYPT_ROUNDS
+    count = default if rounds is None else min(max(rounds, low), high)
+    key = password.encode()
+    salt_bytes = salt.encode("ascii")[:16]
+    b = hashlib.sha512(key + salt_bytes + key).digest()
+    a = hashlib.sha512(key + salt_bytes)
+    length = len(key)
+    while length > 64:
+        a.update(b)
+        length -= 64
+    a.update(b[:length])
+    length = len(key)
+    while length:
+        a.update(b if length & 1 else key)
+        length >>= 1
+    digest = a.digest()
+    p_bytes = (hashlib.sha512(key * len(key)).digest() * (len(key) // 64 + 1))[: len(key)]
+    ds = hashlib.sha512(salt_bytes * (16 + digest[0])).digest()
+    s_bytes = (ds * (len(salt_bytes) // 64 + 1))[: len(salt_bytes)]
+    for i in range(count):
+        h = hashlib.sha512(p_bytes if i & 1 else digest)
+        if i % 3:
+            h.update(s_bytes)
+        if i % 7:
+            h.update(p_bytes)
+        h.update(digest if i & 1 else p_bytes)
+        digest = h.digest()
+    out: list[str] = []
+    for i in range(21):
+        triple = (i, i + 21, i + 42)
+        first, second, third = triple[i % 3 :] + triple[: i % 3]
+        word = (digest[first] << 16) | (digest[second] << 8) | digest[third]
+        for _ in range(4):
+            out.append(_CRYPT_ALPHABET[word & 0x3F])
+            word >>= 6
+    word = digest[63]
+    for _ in range(2):
+        out.append(_CRYPT_ALPHABET[word & 0x3F])
+        word >>= 6
+    prefix = "$6$" if rounds is None else f"$6$rounds={count}$"
+    return f"{prefix}{salt_bytes.decode('ascii')}${''.join(out)}"
+
+
+def verify_sha512_crypt(password: str, hashed: str) -> bool:
+    """Whether `hashed` (`$6$...`, with or without `{SHA512-CRYPT}`) is a hash of `password`."""
+    match = _SHA512_CRYPT_RE.match(hashed.removeprefix(_HASH_SCHEME))
+    if match is None:
+        return False
+    rounds = int(match.group(1)) if match.group(1) else None
+    if rounds is not None and rounds > _VERIFY_MAX_ROUNDS:
+        return False
+    expected = sha512_crypt(password, match.group(2), rounds)
+    return hmac.compare_digest(expected.encode(), hashed.removeprefix(_HASH_SCHEME).encode())
+
+
 # --- provider ---------------------------------------------------------------------------
 
 
@@ -364,6 +443,11 @@ class SshProvider(RentalProvider):
     def where(self) -> str:
         return str(self.options.connect)
 
+    def _postfix(self, program: PostfixProgram, *args: str) -> list[str]:
+        """A command of the managed Postfix: `-c postfix_dir` right after the program, always
+        (else it reads the system's /etc/postfix/main.cf: another instance, or none at all)."""
+        return [program, "-c", self.options.postfix_dir, *args]
+
     def _run(self, argv: list[str], *, input: bytes | None = None, check: bool = True) -> str:
         try:
             return self.transport.run(argv, input=input, check=check).text
@@ -403,9 +487,7 @@ class SshProvider(RentalProvider):
         """One observation: a fixed number of commands, whatever the number of mailboxes."""
         opts = self.options
         notes: list[str] = []
-        settings = parse_postconf(
-            self._run(["postconf", "-c", opts.postfix_dir, "-x", *_POSTCONF_PARAMS])
-        )
+        settings = parse_postconf(self._run(self._postfix("postconf", "-x", *_POSTCONF_PARAMS)))
         domain_accepted = self._domain_accepted(settings)
         if not domain_accepted:
             notes.append(
@@ -473,10 +555,7 @@ class SshProvider(RentalProvider):
                 return True
             if ":" in item and not item.startswith("/"):
                 # A lookup table: one query per table in main.cf, not per user.
-                found = self._run(
-                    ["postmap", "-c", self.options.postfix_dir, "-q", self.domain, item],
-                    check=False,
-                )
+                found = self._run(self._postfix("postmap", "-q", self.domain, item), check=False)
                 if found.strip():
                     return True
             elif item.startswith("/"):
@@ -655,11 +734,23 @@ class SshProvider(RentalProvider):
         self._run(["install", "-d", "-m", "0700", opts.password_dir])
         self._write(secret_file, password + "\n", mode=0o600, backup=False)
         typed = f"{password}\n".encode()
-        # On stdin, never in argv (which `ps` shows); doveadm asks for it twice.
-        hashed = self._run(["doveadm", "pw", "-s", "SHA512-CRYPT"], input=typed * 2).strip()
+        # On stdin, never in argv (which `ps` shows); doveadm asks for it twice. `-O`: hashing
+        # needs no Dovecot configuration, so none is read (nor needed where it is elsewhere).
+        hashed = self._run(
+            ["doveadm", "-O", "pw", "-s", "SHA512-CRYPT"], input=typed * 2
+        ).strip()
+        # The hash is a secret too (an offline guessing target): masked in every log line
+        # and error of this transport, and checked here, not with `doveadm pw -t HASH`.
+        self.transport.add_secret(hashed)
         if not _HASH_RE.match(hashed):
             raise ProviderError(f"{self.where}: doveadm pw returned no SHA512-CRYPT hash")
-        self._run(["doveadm", "pw", "-t", hashed], input=typed)
+        if not verify_sha512_crypt(password, hashed):
+            # doveadm retries a mistyped pair with the next lines of stdin, and at its end
+            # hashes the empty password: never install a login that is not this password.
+            raise ProviderError(
+                f"{self.where}: the hash doveadm pw returned does not match the generated "
+                "password (did it read the password from stdin?); the login was not added"
+            )
         line = f"{address}:{hashed}:{uid}:{gid}::{maildir}::"
         self._write(opts.dovecot_passwd, passwd_with(passwd_text, line), mode=0o640)
         self.initial_password_files[address.split("@")[0]] = secret_file
@@ -673,9 +764,7 @@ class SshProvider(RentalProvider):
 
     def _check_lookup(self, address: str, map_type: str, expected: str) -> None:
         table = f"{map_type}:{self.options.vmailbox}"
-        found = self._run(
-            ["postmap", "-c", self.options.postfix_dir, "-q", address, table], check=False
-        ).strip()
+        found = self._run(self._postfix("postmap", "-q", address, table), check=False).strip()
         if found != expected:
             raise ProviderError(
                 f"{self.where}: postmap -q {address} {table} gives {found!r}, expected {expected!r}"
@@ -685,13 +774,12 @@ class SshProvider(RentalProvider):
         self, path: str, old: str | None, new: str, map_type: str | None
     ) -> None:
         """Write, compile, check, reload; restore the previous file if any step fails."""
-        opts = self.options
         self._write(path, new, mode=0o644)
         try:
             if map_type in _INDEXED_TYPES:
-                self._run(["postmap", "-c", opts.postfix_dir, f"{map_type}:{path}"])
-            self._run(["postfix", "-c", opts.postfix_dir, "check"])
-            self._run(["postfix", "-c", opts.postfix_dir, "reload"])
+                self._run(self._postfix("postmap", f"{map_type}:{path}"))
+            self._run(self._postfix("postfix", "check"))
+            self._run(self._postfix("postfix", "reload"))
         except ProviderError as exc:
             restored = self._restore(path, old, map_type)
             raise ProviderError(
@@ -700,15 +788,14 @@ class SshProvider(RentalProvider):
             ) from exc
 
     def _restore(self, path: str, old: str | None, map_type: str | None) -> str:
-        opts = self.options
         try:
             if old is None:
                 self._run(["rm", "-f", "--", path])
             else:
                 self._write(path, old, mode=0o644, backup=False)
             if map_type in _INDEXED_TYPES and old is not None:
-                self._run(["postmap", "-c", opts.postfix_dir, f"{map_type}:{path}"])
-            self._run(["postfix", "-c", opts.postfix_dir, "reload"], check=False)
+                self._run(self._postfix("postmap", f"{map_type}:{path}"))
+            self._run(self._postfix("postfix", "reload"), check=False)
         except ProviderError as exc:
             return f"restoring {path} ALSO FAILED: {exc}"
         return f"restored the previous {path}"
