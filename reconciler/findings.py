@@ -12,11 +12,12 @@ from enum import StrEnum
 RULES: dict[str, str] = {
     "MR001": "route a user to the rental only when the rental mailbox exists and the rental "
     "accepts the domain",
-    "MR002": "no user's outbound moves to the rental while any user's inbound is still onprem",
-    "MR003": "the MX moves to the rental only when every user's inbound is the rental",
+    "MR002": "no user's outbound moves to the rental while any user's mail would not be received "
+    "there (inbound onprem, or routed without a working rental mailbox)",
+    "MR003": "the MX moves to the rental only when the rental receives every user's mail",
     "MR004": "the MX moves only after its TTL was lowered to cutover_ttl at least the old TTL ago",
-    "MR005": "outbound via the rental on port 25 needs the router's tcp/25 egress IP inside the "
-    "rental whitelist",
+    "MR005": "outbound via the rental on port 25 without AUTH needs every gateway tcp/25 may leave "
+    "through to have a declared address the rental is seen (not told) to relay for",
     "MR006": "SPF authorises the rental before anyone sends through it, and keeps the onprem IP "
     "while anyone still sends through onprem",
     "MR007": "onprem recipient validation must accept every user routed to the rental",
@@ -28,8 +29,16 @@ RULES: dict[str, str] = {
     "MR011": "a plan moving more than max_change_pct of users needs --allow-bulk",
     "MR012": "the state file is invalid or contradicts itself",
     "MR013": "no step leaves a receiving user with nowhere to receive (onprem would answer 550)",
-    "MR014": "the router filter number mailrec manages must not be used by an unrelated rule",
+    "MR014": "mailrec takes only a router filter number no other line defines or uses, and "
+    "replaces only its own unchanged smtp pass filter",
     "MR015": "an unmanaged user still receives onprem (not in the state file)",
+    "MR016": "every rental relay whitelist entry is narrower than policy.whitelist_min_prefix_v4 "
+    "/ _v6 (default /24 and /48), and never a default route (0.0.0.0/0, ::/0): no open relay",
+    "MR017": "SPF follows RFC 7208: one v=spf1 record, well-formed terms, at most 10 DNS "
+    "lookups, no +all or all (?all is neutral and allowed), no ip4/ip6 wider than the "
+    "whitelist bounds",
+    "MR018": "mailrec's own entries (onprem transport and recipient maps) say what the state "
+    "would write; a changed rental host or port or a hand edit is drift, repaired by a step",
 }
 
 
@@ -46,18 +55,23 @@ class Finding:
     subjects: tuple[str, ...] = ()
     remedy: str = ""
     severity: Severity = Severity.REFUSE
+    where: str = ""  # "file:line" in the state files, for findings about the state itself
 
     def text(self) -> str:
         tail = f" To pass: {self.remedy}" if self.remedy else ""
-        return f"{self.code}: {self.message}.{tail}"
+        place = f"{self.where}: " if self.where else ""
+        return f"{place}{self.code}: {self.message}.{tail}"
 
     def as_json(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "code": self.code,
             "message": self.text(),
             "subjects": list(self.subjects),
             "severity": str(self.severity),
         }
+        if self.where:
+            data["where"] = self.where
+        return data
 
 
 def subjects_text(names: list[str] | tuple[str, ...], limit: int = 5) -> str:

@@ -24,16 +24,33 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from reconciler.spf import (
+    DEFAULT_MIN_PREFIX_V4,
+    DEFAULT_MIN_PREFIX_V6,
+    PASS_QUALIFIERS,
+    SpfSyntaxError,
+    bad_character,
+    parse_term,
+)
+
+# Every pattern here is ASCII-only (re.ASCII: \d, \w, \s and IGNORECASE never match other
+# scripts' digits or letters, e.g. '٢' or the Kelvin sign) and ends in \Z, never $ (which
+# also matches before a trailing newline: "suga\n" would pass).
 # A user name reaches Postfix maps, SMTP commands and remote shells: allow only what is
 # safe as a mail local part *and* as an unquoted shell word.
-USER_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]|\.(?=[a-z0-9_-])){0,63}$")
-HOST_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE)
-SECRET_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/[^\0\n]+)$")
-DURATION_RE = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
-# RTX gateway forms mailrec will write: an IPv4 address or a named interface.
+USER_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]|\.(?=[a-z0-9_-])){0,63}\Z", re.ASCII)
+HOST_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z", re.IGNORECASE | re.ASCII)
+SECRET_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/[^\0\n]+)\Z", re.ASCII)
+DURATION_RE = re.compile(r"^([0-9]{1,12}) *(s|m|h|d|w)\Z", re.ASCII)
+# RTX gateway forms mailrec will write: an IPv4 address or a named interface (the same set
+# as the RTX driver accepts: reconciler.drivers.rtx.policy).
 GATEWAY_IFACE_RE = re.compile(
-    r"^(?:pp \d{1,3}|tunnel \d{1,4}|dhcp lan\d|lan\d(?:/\d+)?|pp anonymous|null|loopback)$"
+    r"^(?:pp [1-9][0-9]{0,2}|tunnel [1-9][0-9]{0,3}|dhcp lan[0-9]|lan[0-9](?:/[0-9]{1,3})?"
+    r"|pp anonymous|null|loopback)\Z",
+    re.ASCII,
 )
+# Static filter numbers of the RTX routers mailrec drives (RTX1200/1210/830).
+FILTER_MIN, FILTER_MAX = 1, 21474836
 
 
 # Error type of `field_error`: `load.py` adds ctx["field"] to the error's location, so a check
@@ -41,9 +58,31 @@ GATEWAY_IFACE_RE = re.compile(
 FIELD_ERROR = "field_error"
 
 
-def field_error(field: str, message: str) -> PydanticCustomError:
-    """A validation error of a section that blames one of its keys (by name)."""
+def field_error(field: str | tuple[str, ...], message: str) -> PydanticCustomError:
+    """A validation error of a section that blames one of its keys (by name), or a key
+    further down (a path of names, e.g. ("rental", "smtp_host"))."""
     return PydanticCustomError(FIELD_ERROR, "{message}", {"message": message, "field": field})
+
+
+def _non_ascii(text: str) -> str | None:
+    """The first non-ASCII character of text, described (`'٢' (U+0662)`), or None."""
+    for char in text:
+        if not char.isascii():
+            return f"{char!r} (U+{ord(char):04X})"
+    return None
+
+
+def _strict_int(value: Any) -> Any:
+    """Before pydantic's int parsing: true/false is not a number, and a number given as text
+    is written with ASCII digits only (Python's int() also reads other scripts' digits, e.g.
+    U+0661 U+0660 as 10; the router and servers mailrec writes to do not)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is true/false, not a number")
+    if isinstance(value, str):
+        bad = _non_ascii(value)
+        if bad:
+            raise ValueError(f"{value!r} is not a number: {bad} is not an ASCII digit (use 0-9)")
+    return value
 
 
 class Side(StrEnum):
@@ -129,17 +168,28 @@ def _ip(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         raise ValueError(f"{value!r} is not an IP address") from exc
 
 
+MAX_DURATION = timedelta(days=3650)
+
+
 def parse_duration(value: Any) -> timedelta:
     if isinstance(value, timedelta):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return timedelta(seconds=value)
-    match = DURATION_RE.match(str(value).strip())
-    if not match:
-        raise ValueError(f"{value!r} is not a duration (use e.g. 30m, 48h, 2d)")
-    amount, unit = int(match.group(1)), match.group(2)
-    seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
-    return timedelta(seconds=amount * seconds)
+        duration = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= MAX_DURATION.total_seconds():
+            raise ValueError(f"{value!r} seconds is not a duration between 0 and 10 years")
+        duration = timedelta(seconds=value)
+    else:
+        match = DURATION_RE.match(str(value).strip())
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (use e.g. 30m, 48h, 2d)")
+        amount, unit = int(match.group(1)), match.group(2)
+        seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+        if amount * seconds > MAX_DURATION.total_seconds():
+            raise ValueError(f"{value!r} is longer than 10 years")
+        duration = timedelta(seconds=amount * seconds)
+    if duration < timedelta(0) or duration > MAX_DURATION:
+        raise ValueError(f"{value!r} is not a duration between 0 and 10 years")
+    return duration
 
 
 def format_duration(value: timedelta) -> str:
@@ -151,6 +201,12 @@ def format_duration(value: timedelta) -> str:
 
 
 def _gateway(value: str) -> str:
+    bad = _non_ascii(value)
+    if bad:
+        raise ValueError(
+            f"{value!r} is not a gateway: {bad} is not ASCII (RTX interface numbers are "
+            "written with 0-9, e.g. 'tunnel 2')"
+        )
     text = " ".join(value.split())
     try:
         address = ipaddress.ip_address(text)
@@ -182,8 +238,30 @@ IpAddress = Annotated[
 Duration = Annotated[
     timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
 ]
-Port = Annotated[int, Field(ge=1, le=65535)]
-Ttl = Annotated[int, Field(ge=1, le=2_147_483_647)]
+# The bounds first (so the JSON schema has minimum/maximum), then the ASCII check that runs
+# before pydantic parses the number.
+Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_strict_int)]
+Ttl = Annotated[int, Field(ge=1, le=2_147_483_647), BeforeValidator(_strict_int)]
+Percent = Annotated[int, Field(ge=1, le=100), BeforeValidator(_strict_int)]
+PrefixV4 = Annotated[int, Field(ge=1, le=32), BeforeValidator(_strict_int)]
+PrefixV6 = Annotated[int, Field(ge=1, le=128), BeforeValidator(_strict_int)]
+
+
+def _filter_number(value: int) -> int:
+    if not FILTER_MIN <= value <= FILTER_MAX:
+        raise ValueError(
+            f"filter {value} is outside the router's static filter range "
+            f"{FILTER_MIN}..{FILTER_MAX} (RTX 'ip filter' numbers)"
+        )
+    return value
+
+
+FilterNumber = Annotated[
+    int,
+    BeforeValidator(_strict_int),
+    AfterValidator(_filter_number),
+    Field(json_schema_extra={"minimum": FILTER_MIN, "maximum": FILTER_MAX}),
+]
 
 
 class Connect(StrictModel):
@@ -200,8 +278,9 @@ class Connect(StrictModel):
             return cls(scheme="local")
         match = re.match(
             r"^ssh://(?:(?P<user>[a-z_][a-z0-9_.-]{0,31})@)?(?P<host>[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])"
-            r"(?::(?P<port>\d{1,5}))?/?$",
+            r"(?::(?P<port>[0-9]{1,5}))?/?\Z",
             text,
+            re.ASCII,
         )
         if not match:
             # Never echo a password someone put into the URL (ssh://user:PASSWORD@host).
@@ -275,7 +354,7 @@ class Rental(StrictModel):
     def _provider(cls, value: str) -> str:
         if value in ("manual", "ssh", "lab"):
             return value
-        if re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", value):
+        if re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z", value, re.ASCII):
             return value
         raise ValueError(
             f"{value!r} is not a provider: use manual, ssh, lab or python.module:Class"
@@ -289,10 +368,36 @@ class Rental(StrictModel):
     @field_validator("spf")
     @classmethod
     def _spf(cls, value: str) -> str:
-        if not re.match(r"^(?:[+?~-]?)(?:include|a|mx|ip4|ip6|exists):\S+$", value):
+        """One RFC 7208 mechanism that names the rental's senders by a domain or an address,
+        in a strict character set (it is written into a quoted TXT record and compared with
+        what DNS returns). `+all` passes here and is refused by the static rule MR017."""
+        head = f"{value!r} is not one SPF term (e.g. include:_spf.example.sakura.ne.jp)"
+        bad = bad_character(value)
+        if bad:
             raise ValueError(
-                f"{value!r} is not one SPF term (e.g. include:_spf.example.sakura.ne.jp)"
+                f"{head}: character {bad} is not allowed (ASCII letters, digits and "
+                ". _ - : / % { } + = , only; no spaces, quotes or backslashes)"
             )
+        try:
+            term = parse_term(value)
+        except SpfSyntaxError as exc:
+            raise ValueError(f"{head}: {exc}") from None
+        if term.modifier:
+            raise ValueError(f"{head}: {term.name}= is a modifier, not a mechanism")
+        if term.qualifier not in PASS_QUALIFIERS:
+            raise ValueError(
+                f"{head}: the qualifier {term.qualifier!r} does not authorise the rental "
+                "(only '+' or no qualifier passes)"
+            )
+        if term.name != "all" and term.argument is None:
+            raise ValueError(
+                f"{head}: {term.name} needs the rental's domain or address "
+                f"({term.name}:mail.example.net); a bare {term.name} names this domain's own "
+                "hosts"
+            )
+        if term.name == "ptr":
+            raise ValueError(f"{head}: ptr is slow and unreliable (RFC 7208 section 5.5: "
+                             "do not use it); use include:, a:, mx:, ip4: or ip6:")
         return value
 
 
@@ -306,7 +411,7 @@ class Tsig(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9_.-]+\.?$", value):
+        if not re.match(r"^[A-Za-z0-9_.-]+\.?\Z", value, re.ASCII):
             raise ValueError(f"{value!r} is not a TSIG key name")
         return value
 
@@ -334,7 +439,7 @@ class Dns(StrictModel):
         host, sep, port = value.rpartition(":")
         if not sep:
             host, port = value, "53"
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
             raise ValueError(f"{value!r}: expected host:port")
         return f"{_host(host.strip('[]'))}:{port}"
 
@@ -358,7 +463,7 @@ class Dns(StrictModel):
 
 
 class SmtpRoute(StrictModel):
-    filter: Annotated[int, Field(ge=1, le=2_147_483_647)]
+    filter: FilterNumber
     gateway: Annotated[str, AfterValidator(_gateway)]
     otherwise: Annotated[str, AfterValidator(_gateway)]
     egress_ip: IpAddress
@@ -388,8 +493,21 @@ class User(StrictModel):
 
 
 class Policy(StrictModel):
-    max_change_pct: Annotated[int, Field(ge=1, le=100)] = 30
+    max_change_pct: Percent = 30
     quiet_period: Duration = timedelta(hours=48)
+    # Relay whitelist entries (and SPF ip4/ip6 terms) must be at least this narrow (MR016,
+    # MR017); a default route (0.0.0.0/0, ::/0) is refused whatever these say.
+    whitelist_min_prefix_v4: PrefixV4 = DEFAULT_MIN_PREFIX_V4
+    whitelist_min_prefix_v6: PrefixV6 = DEFAULT_MIN_PREFIX_V6
+
+
+def _bad_user_name(name: Any) -> PydanticCustomError:
+    return field_error(
+        str(name),
+        f"user name {name!r} is not allowed: lower-case letters, digits, '.', '_' "
+        "and '-', starting with a letter or digit (safe as a mail local part "
+        "and a shell word)",
+    )
 
 
 class DesiredState(StrictModel):
@@ -407,20 +525,43 @@ class DesiredState(StrictModel):
     def _user_entries(cls, value: Any) -> Any:
         # `suga:` with nothing after it means "all defaults"; YAML gives None for that.
         if isinstance(value, dict):
+            for name in value:
+                # Checked before pydantic strips the keys: "suga\n" must not become suga (and
+                # silently replace the entry of the real suga).
+                if isinstance(name, str) and name != name.strip():
+                    raise _bad_user_name(name)
             return {k: ({} if v is None else v) for k, v in value.items()}
         return value
+
+    @model_validator(mode="after")
+    def _no_mail_loop(self) -> DesiredState:
+        """The rental must not be onprem itself: onprem would forward migrated users' mail to
+        itself (a mail loop), and the rental probe would count onprem's accounts as rental
+        mailboxes."""
+        onprem = self.onprem
+        names = {onprem.mx_host.rstrip(".").lower(): "onprem.mx_host",
+                 str(onprem.public_ip): "onprem.public_ip"}
+        if onprem.connect.host:
+            names.setdefault(onprem.connect.host.rstrip(".").lower(), "onprem.connect")
+        for field in ("smtp_host", "mx_host"):
+            value = str(getattr(self.rental, field))
+            blamed = names.get(value.rstrip(".").lower())
+            if blamed:
+                raise field_error(
+                    ("rental", field),
+                    f"rental.{field} {value!r} is the onprem host ({blamed}): onprem would "
+                    "forward the rental's mail to itself (a mail loop), and the rental probe "
+                    "would count onprem's accounts as rental mailboxes; give the rental "
+                    "service's own host",
+                )
+        return self
 
     @field_validator("users")
     @classmethod
     def _user_names(cls, value: dict[str, User]) -> dict[str, User]:
         for name in value:
             if not isinstance(name, str) or not USER_NAME_RE.match(name):
-                raise field_error(
-                    str(name),
-                    f"user name {name!r} is not allowed: lower-case letters, digits, '.', '_' "
-                    "and '-', starting with a letter or digit (safe as a mail local part "
-                    "and a shell word)",
-                )
+                raise _bad_user_name(name)
         return value
 
     def user_names(self) -> list[str]:

@@ -6,12 +6,20 @@ validate` shows these findings, and the planner repeats them at the top of every
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from reconciler.findings import Finding, subjects_text
 from reconciler.model import DesiredState, Side
+from reconciler.spf import effective_prefix, is_too_wide, term_problems, width_text
+
+# "file:line" of a dotted path of the state (LoadedState.locate), or None.
+Locate = Callable[[str], str | None]
 
 
-def static_findings(state: DesiredState) -> list[Finding]:
-    """Contradictions inside the desired state itself (MR012), found without observing."""
+def static_findings(state: DesiredState, locate: Locate | None = None) -> list[Finding]:
+    """Contradictions inside the desired state itself (MR012) and what it asks for that is
+    unsafe on its own (MR016 an open relay, MR017 an SPF term that authorises too much),
+    found without observing. With `locate`, MR016/MR017 findings say where (file:line)."""
     found: list[Finding] = []
     inbound_onprem = sorted(n for n, u in state.users.items() if u.inbound is Side.ONPREM)
     outbound_rental = sorted(n for n, u in state.users.items() if u.outbound is Side.RENTAL)
@@ -70,4 +78,45 @@ def static_findings(state: DesiredState) -> list[Finding]:
                     f"add a CIDR containing {egress} to rental.whitelist",
                 )
             )
+    found.extend(_relay_and_spf_findings(state, locate or (lambda _path: None)))
+    return found
+
+
+def _relay_and_spf_findings(state: DesiredState, locate: Locate) -> list[Finding]:
+    policy = state.policy
+    v4, v6 = policy.whitelist_min_prefix_v4, policy.whitelist_min_prefix_v6
+    found: list[Finding] = []
+    for index, network in enumerate(state.rental.whitelist):
+        if not is_too_wide(network, min_prefix_v4=v4, min_prefix_v6=v6):
+            continue
+        version, prefix = effective_prefix(network)
+        bound, key = (v4, "whitelist_min_prefix_v4") if version == 4 else (
+            v6, "whitelist_min_prefix_v6")
+        remedy = (
+            "list only the office's public egress addresses (e.g. 203.0.113.8/29); a default "
+            "route is never allowed" if prefix == 0 else
+            f"list only the office's public egress addresses, /{bound} or narrower (or, if "
+            f"this range really is yours, lower policy.{key})"
+        )
+        found.append(
+            Finding(
+                "MR016",
+                f"rental.whitelist entry {width_text(network)} is wider than /{bound}: the "
+                "rental would relay mail without authentication for all of it (an open relay)",
+                (f"whitelist/{network}",),
+                remedy,
+                where=locate(f"rental.whitelist.{index}") or "",
+            )
+        )
+    for problem in term_problems(state.rental.spf, min_prefix_v4=v4, min_prefix_v6=v6):
+        found.append(
+            Finding(
+                "MR017",
+                f"rental.spf {problem}",
+                ("dns/spf",),
+                "give the term that names only the rental's senders (e.g. "
+                "include:_spf.example.sakura.ne.jp, or ip4: with the rental's own addresses)",
+                where=locate("rental.spf") or "",
+            )
+        )
     return found

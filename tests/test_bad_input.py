@@ -70,6 +70,18 @@ users:
 """
 
 
+# Hostile YAML (issue "fail closed", finding 10), each appended to BASE from line 40 on.
+# A "billion laughs": 9 levels of 9 aliases, 9^9 strings once expanded.
+ALIAS_BOMB = "".join(
+    f"lol{n}: &lol{n} [{', '.join([f'*lol{n - 1}'] * 9) if n > 1 else ', '.join(['lol'] * 9)}]\n"
+    for n in range(1, 10)
+)
+DEEP_FLOW = "deep: " + "[" * 2000 + "]" * 2000 + "\n"  # ruamel alone takes seconds on this
+DEEP_BLOCK = "deep:\n" + "".join(" " * n + f"k{n}:\n" for n in range(1, 100)) + " " * 100 + "x\n"
+RECURSIVE_ALIAS = "loop: &loop [*loop]\n"
+ARABIC_TEN = "\u0661\u0660"  # Arabic-Indic "10": int() reads it as 10
+
+
 def edit(old: str, new: str, text: str = BASE) -> str:
     """BASE with exactly one occurrence of `old` replaced."""
     assert text.count(old) == 1, f"{old!r} must occur exactly once"
@@ -212,6 +224,104 @@ CASES = [
     Case("directory-without-yaml", {"README.md": "# state goes here\n"},
          "no *.yaml files in this directory", None),
     Case("missing-state-path", None, "no such file or directory", None),
+    # --- hostile YAML: rejected before anything is expanded (finding 10) ------------------
+    Case("alias-bomb", BASE + ALIAS_BOMB, "YAML aliases expand to more than 1,000,000 nodes",
+         46),
+    Case("recursive-alias", BASE + RECURSIVE_ALIAS, "refers to the collection it is in", 40),
+    Case("deep-flow-nesting", BASE + DEEP_FLOW, "YAML nesting deeper than 64 levels", 40),
+    Case("deep-block-nesting", BASE + DEEP_BLOCK, "YAML nesting deeper than 64 levels", 103),
+    # --- numbers and router words: ASCII digits only (int() reads ARABIC_TEN as 10) ---------
+    Case("filter-non-ascii-digits", edit("filter: 10", f'filter: "{ARABIC_TEN}"'),
+         "is not an ASCII digit", 30, "router.smtp_route.filter"),
+    Case("otherwise-non-ascii-digit", edit("otherwise: tunnel 2", 'otherwise: "tunnel \u0662"'),
+         "'\u0662' (U+0662) is not ASCII", 32, "router.smtp_route.otherwise"),
+    Case("gateway-tunnel-zero", edit("otherwise: tunnel 2", "otherwise: tunnel 0"),
+         "'tunnel 0' is not a gateway", 32, "router.smtp_route.otherwise"),
+    Case("port-non-ascii-digits", edit("relay_port: 25", 'relay_port: "\u0662\u0665"'),
+         "is not an ASCII digit", 14, "rental.relay_port"),
+    Case("port-fullwidth-digits",
+         edit("submission_port: 587", 'submission_port: "\uff15\uff18\uff17"'),
+         "is not an ASCII digit", 15, "rental.submission_port"),
+    Case("port-true", edit("relay_port: 25", "relay_port: true"),
+         "true/false, not a number", 14, "rental.relay_port"),
+    Case("ttl-non-ascii-digits", edit("  ttl: 3600\n", '  ttl: "\u0663\u0666\u0660\u0660"\n'),
+         "is not an ASCII digit", 23, "dns.ttl"),
+    Case("max-change-pct-non-ascii-digits",
+         edit("max_change_pct: 30", f'max_change_pct: "{ARABIC_TEN}"'),
+         "is not an ASCII digit", 38, "policy.max_change_pct"),
+    Case("ssh-port-non-ascii-digits",
+         edit("connect: ssh://root@mail.example.co.jp:22",
+              'connect: "ssh://root@mail.example.co.jp:\u0662\u0662"'),
+         "is not a connection", 4, "onprem.connect"),
+    Case("dns-server-port-non-ascii-digits",
+         edit("server: 198.51.100.53:53", 'server: "198.51.100.53:\u0665\u0663"'),
+         "expected host:port", 20, "dns.server"),
+    Case("duration-non-ascii-digits", edit("quiet_period: 48h", 'quiet_period: "\u0664\u0668h"'),
+         "is not a duration", 39, "policy.quiet_period"),
+    Case("duration-overflow", edit("quiet_period: 48h", "quiet_period: 99999999999w"),
+         "longer than 10 years", 39, "policy.quiet_period"),
+    Case("filter-zero", edit("filter: 10", "filter: 0"),
+         "filter 0 is outside the router's static filter range 1..21474836", 30,
+         "router.smtp_route.filter"),
+    Case("filter-above-router-range", edit("filter: 10", "filter: 21474837"),
+         "filter 21474837 is outside the router's static filter range 1..21474836", 30,
+         "router.smtp_route.filter"),
+    Case("whitelist-bound-out-of-range",
+         edit("  quiet_period: 48h\n", "  quiet_period: 48h\n  whitelist_min_prefix_v4: 0\n"),
+         "greater than or equal to 1", 40, "policy.whitelist_min_prefix_v4"),
+    # --- the SPF term: strict characters (a backslash failed verification on every run) -----
+    Case("spf-backslash",
+         edit('spf: "include:_spf.example.sakura.ne.jp"', "spf: 'include:_spf\\x.sakura.ne.jp'"),
+         "character U+005C (backslash) is not allowed", 16, "rental.spf"),
+    Case("spf-double-quote",
+         edit('spf: "include:_spf.example.sakura.ne.jp"', """spf: 'include:"x".sakura.ne.jp'"""),
+         "character U+0022 (double quote) is not allowed", 16, "rental.spf"),
+    Case("spf-space",
+         edit('spf: "include:_spf.example.sakura.ne.jp"', 'spf: "include:_spf.example .jp"'),
+         "character U+0020 (space) is not allowed", 16, "rental.spf"),
+    Case("spf-non-ascii",
+         edit('spf: "include:_spf.example.sakura.ne.jp"', 'spf: "include:\u3055.ne.jp"'),
+         "(U+3055, not ASCII) is not allowed", 16, "rental.spf"),
+    Case("spf-not-a-domain",
+         edit('spf: "include:_spf.example.sakura.ne.jp"', 'spf: "include:sakura"'),
+         "is not a domain name", 16, "rental.spf"),
+    Case("spf-failing-qualifier",
+         edit('spf: "include:_spf.example.sakura.ne.jp"', 'spf: "~include:_spf.sakura.ne.jp"'),
+         "does not authorise the rental", 16, "rental.spf"),
+    # --- the rental is not onprem (a mail loop; finding 11) ------------------------------
+    Case("smtp-host-is-onprem-mx",
+         edit("smtp_host: example.sakura.ne.jp", "smtp_host: mail.example.co.jp"),
+         "is the onprem host (onprem.mx_host): onprem would forward", 13, "rental.smtp_host"),
+    Case("smtp-host-is-onprem-ip",
+         edit("smtp_host: example.sakura.ne.jp", "smtp_host: 198.51.100.10"),
+         "is the onprem host (onprem.public_ip)", 13, "rental.smtp_host"),
+    Case("rental-mx-is-onprem-mx",
+         edit("mx_host: example.sakura.ne.jp.", "mx_host: MAIL.example.co.jp."),
+         "a mail loop", 12, "rental.mx_host"),
+    # --- "$" matched before a trailing newline ---------------------------------------------
+    Case("user-trailing-newline", edit("  suga:", '  "suga\\n":'),
+         "user name 'suga\\n' is not allowed", 35, "users.suga\\n"),
+]
+
+# Safe as YAML and schema, unsafe as policy: a static finding (validate exits 3), not an error.
+MR_CASES = [
+    ("whitelist-default-routes", edit("[203.0.113.8/29]", '[0.0.0.0/0, "::/0"]'), "MR016",
+     ["0.0.0.0/0 (every address: a default route) is wider than /24",
+      "::/0 (every address: a default route) is wider than /48"]),
+    ("whitelist-a-slash-8", edit("[203.0.113.8/29]", "[203.0.113.8/29, 10.0.0.0/8]"), "MR016",
+     ["10.0.0.0/8 (2^24 addresses) is wider than /24", "an open relay"]),
+    ("whitelist-ipv4-mapped-everything", edit("[203.0.113.8/29]", '["::ffff:0:0/96"]'), "MR016",
+     ["every IPv4 address"]),
+    ("spf-plus-all", edit('spf: "include:_spf.example.sakura.ne.jp"', 'spf: "+all"'), "MR017",
+     ["'+all' authorises every host on the internet"]),
+    ("spf-bare-all", edit('spf: "include:_spf.example.sakura.ne.jp"', 'spf: "all"'), "MR017",
+     ["'all' authorises every host on the internet"]),
+    ("spf-ip4-everything", edit('spf: "include:_spf.example.sakura.ne.jp"',
+                                'spf: "ip4:0.0.0.0/0"'), "MR017",
+     ["0.0.0.0/0 (every address: a default route): wider than /24"]),
+    ("spf-a-slash-0", edit('spf: "include:_spf.example.sakura.ne.jp"',
+                           'spf: "a:smtp.sakura.ne.jp/0"'), "MR017",
+     ["a /0 around each IPv4 address"]),
 ]
 
 
@@ -262,6 +372,113 @@ def test_bad_state_is_rejected_with_place_and_nothing_changes(
 def test_at_least_24_cases_and_unique_ids() -> None:
     assert len(CASES) >= 24
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(("case_id", "text", "code", "expect"), MR_CASES,
+                         ids=[c[0] for c in MR_CASES])
+def test_unsafe_policy_is_a_static_finding_and_nothing_changes(
+    case_id: str, text: str, code: str, expect: list[str], lab: LabLayout, tmp_path: Path
+) -> None:
+    """An open relay or an SPF term that authorises everyone is valid YAML and schema but
+    refused: validate and plan exit 3 naming the rule, and nothing is written anywhere."""
+    path = tmp_path / "state.yaml"
+    path.write_text(text)
+    before = tree_digest(lab.root)
+    result = run_cli("validate", "--state", str(path))
+    assert result.exit_code == 3, (result.output, result.stderr)
+    assert f"{code}: " in result.stderr
+    for part in expect:
+        assert part in result.stderr, result.stderr
+    planned = run_cli("plan", "--lab", str(lab.root), "--state", str(path))
+    assert planned.exit_code == 3, (planned.output, planned.stderr)
+    assert code in planned.output
+    assert tree_digest(lab.root) == before
+
+
+def test_open_relay_is_never_applied(lab: LabLayout, tmp_path: Path) -> None:
+    """Finding 2: `whitelist: [0.0.0.0/0, "::/0"]` used to be applied. The safe prefix (the
+    router steps) is applied; the whitelist never gets the default routes."""
+    path = tmp_path / "state.yaml"
+    path.write_text(MR_CASES[0][1])
+    result = run_cli("apply", "--lab", str(lab.root), "--state", str(path), "--yes")
+    assert result.exit_code == 3, (result.output, result.stderr)
+    assert "MR016" in result.output + result.stderr
+    whitelist = lab.rental_whitelist.read_text()
+    assert "0.0.0.0/0" not in whitelist and "::/0" not in whitelist
+
+
+def test_whitelist_bound_is_configurable(tmp_path: Path) -> None:
+    path = tmp_path / "state.yaml"
+    wide = edit("[203.0.113.8/29]", "[203.0.113.8/29, 10.0.0.0/8]")
+    path.write_text(edit("  quiet_period: 48h\n",
+                         "  quiet_period: 48h\n  whitelist_min_prefix_v4: 8\n", wide))
+    assert run_cli("validate", "--state", str(path)).exit_code == 0
+    # ... but never a default route, whatever the bound.
+    path.write_text(edit("  quiet_period: 48h\n",
+                         "  quiet_period: 48h\n  whitelist_min_prefix_v4: 1\n",
+                         edit("[203.0.113.8/29]", "[0.0.0.0/0]")))
+    refused = run_cli("validate", "--state", str(path))
+    assert refused.exit_code == 3 and "MR016" in refused.stderr
+
+
+def test_static_findings_say_where(tmp_path: Path) -> None:
+    """MR016/MR017 name file:line of the entry (LoadedState.locate)."""
+    from reconciler.load import load_state
+    from reconciler.static import static_findings
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "mailrec.yaml").write_text(
+        edit('spf: "include:_spf.example.sakura.ne.jp"', 'spf: "+all"',
+             edit("[203.0.113.8/29]", "\n    - 203.0.113.8/29\n    - 10.0.0.0/8", BASE)))
+    loaded = load_state(state)
+    found = {(f.code, f.where) for f in static_findings(loaded.state, locate=loaded.locate)}
+    name = str(state / "mailrec.yaml")
+    assert found == {("MR016", f"{name}:19"), ("MR017", f"{name}:16")}
+    assert loaded.locate("users.suga") == f"{name}:37"
+    assert loaded.locate("router.smtp_route.filter") == f"{name}:32"
+    assert loaded.locate("nothing.here") is None
+    # Without a locator (the planner's call) the text is as before.
+    assert all(not f.where for f in static_findings(loaded.state))
+
+
+def test_oversized_file_is_rejected_without_reading_it(lab: LabLayout, tmp_path: Path) -> None:
+    path = tmp_path / "state.yaml"
+    with path.open("w") as handle:
+        handle.write(BASE)
+        handle.truncate(33 * 1024 * 1024)  # sparse: no disk, and never read
+    before = tree_digest(lab.root)
+    for command in ("validate", "plan"):
+        result = run_cli(command, "--lab", str(lab.root), "--state", str(path))
+        assert result.exit_code == 1
+        assert f"{path}: the file is 33.0 MiB: a state file may be at most 32 MiB" in result.stderr
+    assert tree_digest(lab.root) == before
+
+
+def test_anchors_aliases_and_merge_keys_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "state.yaml"
+    path.write_text(edit(USERS_BLOCK, """\
+users:
+  suga: &at_onprem {inbound: onprem, outbound: onprem}
+  tanaka: *at_onprem
+  sato:
+    <<: *at_onprem
+    inbound: rental
+"""))
+    result = run_cli("validate", "--state", str(path))
+    assert result.exit_code == 0, result.stderr
+    assert "(3 users" in result.output
+    # A mistake in a merged-in value is still reported (at the entry that merges it).
+    path.write_text(edit(USERS_BLOCK, """\
+users:
+  suga: &at_onprem {inbound: onprem, outbound: cloud}
+  sato:
+    <<: *at_onprem
+    inbound: rental
+"""))
+    bad = run_cli("validate", "--state", str(path))
+    assert bad.exit_code == 1
+    assert f"{path}:35:" in bad.stderr and "users.sato.outbound" in bad.stderr
 
 
 @pytest.mark.parametrize("fmt", ["text", "markdown", "json"])

@@ -4,6 +4,7 @@ stale plans, confirmation, acks, schema, clock override, PR plans from git, `pyt
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -366,3 +367,80 @@ def test_rental_plugin_that_does_not_import_is_exit_1_before_connecting(tmp_path
     assert result.exit_code == EXIT_ERROR
     assert "no_such_module_xyz" in result.stderr
     assert not (state / ".mailrec").exists()
+
+
+# --- lab init --force only replaces a lab (issue "fail closed", finding 10) ------------------
+
+
+def _lab_init(directory: Path, *extra: str) -> Any:
+    return run_cli("lab", "init", str(directory), "--state", str(REPO / "state"), *extra,
+                   env={"MAILREC_NOW": "2026-11-29T09:00:00+00:00"})
+
+
+def test_lab_init_force_refuses_a_directory_that_is_not_a_lab(tmp_path: Path) -> None:
+    precious = tmp_path / "home"
+    (precious / "docs").mkdir(parents=True)
+    (precious / "docs" / "thesis.txt").write_text("years of work\n")
+    (precious / "lab.json").write_text("{}\n")  # looks like a lab, but `lab init` never made it
+    before = tree_digest(precious)
+    for extra in ((), ("--force",)):
+        result = _lab_init(precious, *extra)
+        assert result.exit_code == EXIT_ERROR, result.output
+        assert tree_digest(precious) == before, "nothing deleted or written"
+    assert "exists and is not a lab" in _lab_init(precious).stderr
+    forced = _lab_init(precious, "--force")
+    assert ".mailrec-lab marker" in forced.stderr and "nothing was deleted" in forced.stderr
+    a_file = tmp_path / "file"
+    a_file.write_text("x\n")
+    result = _lab_init(a_file, "--force")
+    assert result.exit_code == EXIT_ERROR and "not a directory" in result.stderr
+    assert a_file.read_text() == "x\n"
+
+
+def test_lab_init_force_replaces_a_lab_and_empty_dirs_need_no_force(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _lab_init(empty).exit_code == EXIT_OK
+    layout = LabLayout(empty.resolve())
+    assert layout.is_marked() and layout.exists()
+    (empty / "scratch.txt").write_text("left over\n")
+    again = _lab_init(empty)
+    assert again.exit_code == EXIT_ERROR and "already a lab (use --force" in again.stderr
+    assert (empty / "scratch.txt").exists()
+    assert _lab_init(empty, "--force").exit_code == EXIT_OK
+    assert not (empty / "scratch.txt").exists() and layout.is_marked()
+    assert _lab_init(tmp_path / "new" / "lab").exit_code == EXIT_OK
+
+
+# --- plan --out writes through a private temporary file (finding 11) --------------------------
+
+
+def test_plan_out_never_follows_a_planted_symlink(lab: LabLayout, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("do not touch\n")
+    saved = out_dir / "plan.json"
+    (out_dir / ".plan.json.tmp").symlink_to(victim)  # the old predictable name
+    result = run_cli("plan", "--lab", str(lab.root), "--format", "json", "--out", str(saved))
+    assert result.exit_code == EXIT_PENDING, result.stderr
+    assert victim.read_text() == "do not touch\n"
+    assert not saved.is_symlink() and json.loads(saved.read_text())["format_version"] == 1
+    # A symlink at the target itself is replaced by the plan, not written through.
+    saved.unlink()
+    saved.symlink_to(victim)
+    result = run_cli("plan", "--lab", str(lab.root), "--format", "json", "--out", str(saved))
+    assert result.exit_code == EXIT_PENDING, result.stderr
+    assert victim.read_text() == "do not touch\n"
+    assert not saved.is_symlink() and json.loads(saved.read_text())["format_version"] == 1
+    assert sorted(p.name for p in out_dir.iterdir()) == [".plan.json.tmp", "plan.json"], (
+        "no temporary file left behind")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert saved.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_plan_out_into_a_missing_directory_is_an_error(lab: LabLayout, tmp_path: Path) -> None:
+    result = run_cli("plan", "--lab", str(lab.root), "--out", str(tmp_path / "no" / "plan.txt"))
+    assert result.exit_code == EXIT_ERROR
+    assert "cannot write" in result.stderr

@@ -24,7 +24,8 @@ from reconciler.drivers.postfix import (
     relay_target,
     transport_map_ref,
 )
-from reconciler.lab.layout import LabLayout
+from reconciler.lab.layout import LAB_MARKER, LAB_MARKER_TEXT, LabLayout
+from reconciler.lab.office import record_history
 from reconciler.load import LoadedState
 from reconciler.model import DesiredState, Side
 
@@ -133,16 +134,30 @@ def _router_config(state: DesiredState, migrated: bool) -> str:
 
 def init_lab(directory: Path, loaded: LoadedState, *, migrated: bool, force: bool) -> LabLayout:
     layout = LabLayout(directory.resolve())
-    if directory.exists() and any(directory.iterdir()):
-        if not force and not layout.exists():
-            raise LabInitError(f"{directory} exists and is not a lab: refusing to write into it")
+    root = layout.root
+    if root.exists() and not root.is_dir():
+        raise LabInitError(f"{directory} exists and is not a directory")
+    if root.is_dir() and any(root.iterdir()):
+        if not layout.is_marked():
+            if not force:
+                raise LabInitError(
+                    f"{directory} exists and is not a lab: refusing to write into it")
+            # --force deletes everything in DIR: only ever a lab that `lab init` made.
+            raise LabInitError(
+                f"{directory} is not empty and has no {LAB_MARKER} marker (written by `mailrec "
+                "lab init`): --force replaces only a mailrec lab, and nothing was deleted; "
+                "choose a new or empty directory (a lab made by an older mailrec: delete it "
+                "yourself)"
+            )
         if not force:
             raise LabInitError(f"{directory} is already a lab (use --force to replace it)")
         if layout.services.exists() and layout.read_services():
             raise LabInitError(f"{directory}: its services are running (mailrec lab down first)")
-        shutil.rmtree(directory)
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    layout.marker.write_text(LAB_MARKER_TEXT)  # first, so a half-made lab can be replaced
     state = loaded.state
-    now = clock.now()
+    now = clock.now(override=True)  # a lab: MAILREC_NOW sets the time its files show
     layout.postfix_dir.mkdir(parents=True)
     (layout.postfix_dir / "main.cf").write_text(_main_cf(state, migrated))
 
@@ -206,4 +221,6 @@ def init_lab(directory: Path, loaded: LoadedState, *, migrated: bool, force: boo
         {"domain": state.domain, "addresses": ADDRESSES, "migrated": migrated,
          "created": now.isoformat()}, indent=2) + "\n")
     layout.services.write_text("{}\n")
+    if migrated:
+        record_history(layout, state, now)
     return layout

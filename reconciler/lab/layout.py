@@ -10,6 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+LAB_MARKER = ".mailrec-lab"
+LAB_MARKER_TEXT = "mailrec lab: `mailrec lab init --force` may delete this directory\n"
+
 
 @dataclass(frozen=True)
 class LabLayout:
@@ -88,6 +91,18 @@ class LabLayout:
     @property
     def lab_json(self) -> Path:  # metadata written by `lab init` (domain, addresses)
         return self.root / "lab.json"
+
+    @property
+    def marker(self) -> Path:  # written first by `lab init`: only a marked lab may be replaced
+        return self.root / LAB_MARKER
+
+    def is_marked(self) -> bool:
+        """True if `lab init` made this directory (so `lab init --force` may replace it)."""
+        try:
+            return (self.marker.is_file() and not self.marker.is_symlink()
+                    and self.marker.read_text() == LAB_MARKER_TEXT)
+        except (OSError, UnicodeDecodeError):
+            return False
 
     def read_services(self) -> dict[str, str]:
         if not self.services.exists():
