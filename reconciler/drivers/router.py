@@ -3,22 +3,38 @@ exact RTX CLI lines, applied over SSH (a real RTX, or the lab's emulator) or, in
 without running services, to the lab's saved configuration file.
 
 The RTX package (`drivers/rtx/`) knows the router's language; this module only maps the
-planner's two router steps (filter, default route) onto it.
+planner's two router steps (filter, default route) onto it. It translates a step as the
+planner wrote it and never re-plans: which filter and which route entry are mailrec's is
+the planner's decision (from the facts below), and the translation refuses, with
+RtxPolicyError, whatever would change a line that is not mailrec's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from reconciler.drivers.lab_onprem import write_atomic
 from reconciler.drivers.rtx.config import RtxConfig
-from reconciler.drivers.rtx.policy import SmtpRoute, plan_commands
+from reconciler.drivers.rtx.policy import (
+    RtxPolicyError,
+    filter_command,
+    filter_step_commands,
+    route_step_commands,
+)
+from reconciler.drivers.rtx.queries import (
+    default_route_entries,
+    filter_references,
+    filter_verdicts,
+)
 from reconciler.lab.layout import LabLayout
 from reconciler.model import DesiredState, Router
 from reconciler.secrets import resolve_secret
 from reconciler.steps import SetDefaultRoute, SetRouterFilter, Step
 from reconciler.world import RouterFacts
+
+if TYPE_CHECKING:
+    from reconciler.drivers.rtx.driver import RtxDriver
 
 
 class RouterDriver(Protocol):
@@ -28,35 +44,54 @@ class RouterDriver(Protocol):
 
 
 def world_facts(config: RtxConfig) -> RouterFacts:
+    """Everything the planner needs to know about the router, from one `show config`."""
     filters = config.static_filters()
     smtp = frozenset(n for n, f in filters.items() if f.is_smtp_pass)
-    default = config.default_route()
-    route = None
-    if default is not None:
-        route = tuple((g.gateway, tuple(g.filters)) for g in default.gateways)
-    return RouterFacts(filters=smtp, other_filters=frozenset(filters) - smtp, default_route=route)
+    return RouterFacts(
+        filters=smtp,
+        other_filters=frozenset(filters) - smtp,
+        default_route=default_route_entries(config),
+        verdicts=filter_verdicts(config),
+        filter_lines=config.static_filter_lines(),
+        references=filter_references(config),
+    )
 
 
-def commands_for(step: Step, config: RtxConfig, state: DesiredState) -> list[str]:
-    """The lines of the full policy plan that belong to this step (filter or route)."""
-    route = state.router.smtp_route if state.router else None
-    desired = SmtpRoute(route.filter, route.gateway, route.otherwise) if route else None
-    managed = route.filter if route else None
-    # Renumbering or removing: the filter mailrec set up before is the one being left.
-    if isinstance(step, SetRouterFilter) and not step.present:
-        managed = step.number
-    elif isinstance(step, SetDefaultRoute) and step.before:
-        after = {f for _, filters in step.after for f in filters}
-        dropped = [f for _, filters in step.before for f in filters if f not in after]
-        if dropped:
-            managed = dropped[0]
-    commands = plan_commands(config, desired, managed)
+def commands_for(step: Step, config: RtxConfig) -> list[str]:
+    """The RTX lines that carry out the planner's router `step` on `config`, exactly as
+    planned ([] when the router already is as the step leaves it). Raises RtxPolicyError when
+    that would define a filter number another line uses or defines (MR014), delete a filter
+    that is not mailrec's SMTP pass or is still used, change a default route that changed
+    since the plan, drop or reorder an admin's route entry, or break MR009."""
     if isinstance(step, SetRouterFilter):
-        wanted = f"ip filter {step.number} "
-        return [c for c in commands if c.startswith((wanted, f"no {wanted.strip()}"))]
+        if step.present and step.line != filter_command(step.number):
+            raise RtxPolicyError(
+                f"the plan shows {step.line!r} for filter {step.number}, but mailrec writes "
+                f"{filter_command(step.number)!r}: refusing to type something the plan does "
+                "not show"
+            )
+        return filter_step_commands(config, step.number, step.present)
     if isinstance(step, SetDefaultRoute):
-        return [c for c in commands if c.startswith(("ip route default", "no ip route default"))]
+        return route_step_commands(config, step.before, step.after)
     raise ValueError(f"{step.id} is not a router step")
+
+
+class SshRouter:
+    """A router behind an `RtxDriver` (a real RTX, or the lab's emulator)."""
+
+    def __init__(self, driver: RtxDriver) -> None:
+        self.driver = driver
+
+    def observe(self) -> RouterFacts:
+        config, _ = self.driver.observe()
+        return world_facts(config)
+
+    def apply_step(self, step: Step, state: DesiredState | None = None) -> None:
+        config, _ = self.driver.observe()
+        commands = commands_for(step, config)
+        if commands:
+            # Typed only if the router still has the configuration they were made from.
+            self.driver.apply(commands, planned_from=config)
 
 
 class LabRouter:
@@ -65,39 +100,38 @@ class LabRouter:
     def __init__(self, layout: LabLayout) -> None:
         self.layout = layout
 
-    def _ssh(self) -> Any:
+    def _ssh(self) -> SshRouter | None:
         address = self.layout.read_services().get("rtx_ssh")
         if not address:
             return None
         from reconciler.lab.services import lab_rtx_driver
 
-        return lab_rtx_driver(self.layout, address)
+        return SshRouter(lab_rtx_driver(self.layout, address))
 
     def _config(self) -> RtxConfig:
         return RtxConfig.parse(self.layout.router_config.read_text())
 
     def observe(self) -> RouterFacts:
-        driver = self._ssh()
-        if driver is not None:
-            config, _ = driver.observe()
-            return world_facts(config)
+        router = self._ssh()
+        if router is not None:
+            return router.observe()
         return world_facts(self._config())
 
     def apply_step(self, step: Step, state: DesiredState) -> None:
-        driver = self._ssh()
-        if driver is not None:
-            config, _ = driver.observe()
-            commands = commands_for(step, config, state)
-            if commands:
-                driver.apply(commands)
+        router = self._ssh()
+        if router is not None:
+            router.apply_step(step, state)
             return
         config = self._config()
-        for command in commands_for(step, config, state):
+        commands = commands_for(step, config)
+        if not commands:
+            return
+        for command in commands:
             config = config.apply(command)
         write_atomic(self.layout.router_config, config.render())
 
 
-class RtxRouter:
+class RtxRouter(SshRouter):
     """A real Yamaha RTX over SSH (host key checked against known_hosts)."""
 
     def __init__(self, router: Router, known_hosts: Path | None) -> None:
@@ -105,19 +139,11 @@ class RtxRouter:
 
         connect = router.connect
         assert connect.host is not None and connect.user is not None
-        self.driver = RtxDriver(
-            connect.host, connect.port, connect.user,
-            resolve_secret(router.password) if router.password else None,
-            resolve_secret(router.admin_password),
-            str(known_hosts) if known_hosts else None,
+        super().__init__(
+            RtxDriver(
+                connect.host, connect.port, connect.user,
+                resolve_secret(router.password) if router.password else None,
+                resolve_secret(router.admin_password),
+                str(known_hosts) if known_hosts else None,
+            )
         )
-
-    def observe(self) -> RouterFacts:
-        config, _ = self.driver.observe()
-        return world_facts(config)
-
-    def apply_step(self, step: Step, state: DesiredState) -> None:
-        config, _ = self.driver.observe()
-        commands = commands_for(step, config, state)
-        if commands:
-            self.driver.apply(commands)

@@ -18,8 +18,9 @@ forms. Anything else is refused the way the router refuses it: an `Error:` line 
 `エラー:` line in a Japanese console).
 
 For tests: `history` holds the running configuration text after every configuration
-command, `commands` every configuration command received, and `fail_command` can make the
-emulator refuse a command the way a router with a full table or a firmware quirk would.
+command, `commands` every configuration command received, `typed` every line typed at a
+prompt (password input excluded), and `fail_command` can make the emulator refuse a command
+the way a router with a full table or a firmware quirk would.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class RtxEmulator:
         self.dirty = False  # changed since the last save, as the router tracks it
         self.history: list[str] = []
         self.commands: list[str] = []
+        self.typed: list[str] = []  # every line typed at a prompt (never a password)
         self.fail_command: Callable[[str], str | None] | None = None
         self._listener: socket.socket | None = None
         self._port = port
@@ -459,6 +461,8 @@ class _Cli:
             line = self.read_line()
             if line is None:
                 return
+            with self.emu.lock:
+                self.emu.typed.append(line)
             if not self.dispatch(" ".join(line.split())):
                 return
             self.prompt()

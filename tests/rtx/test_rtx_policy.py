@@ -80,14 +80,87 @@ def test_renumbering_defines_new_switches_route_then_removes_old() -> None:
     ]
 
 
-def test_other_filtered_gateways_and_parameters_are_kept() -> None:
+def test_an_admin_entry_that_catches_smtp_first_is_refused() -> None:
+    # Filter 1 passes tcp/25 from 10.10.0.0/16 (lan1) to 192.0.2.1, ahead of mailrec's entry.
     config = corpus_config("rtx1220_filter_forms.conf")
+    want = SmtpRoute(10, "192.168.0.254", "192.0.2.254")
+    with pytest.raises(RtxPolicyError) as caught:
+        plan_commands(config, want)
+    assert str(caught.value) == (
+        "tcp/25 from the LAN would not leave through '192.168.0.254': the default route's entry "
+        "'gateway 192.0.2.1 filter 1 2' comes first and its filter 1 ('ip filter 1 pass "
+        "10.10.0.0/16 * tcp * smtp,submission') passes some of it; change that entry on the "
+        "router, or route SMTP through it"
+    )
+
+
+def test_other_filtered_gateways_and_parameters_are_kept() -> None:
+    config = RtxConfig.parse(
+        "ip route default gateway 192.0.2.1 filter 1 2 gateway 192.0.2.2 filter 3 metric 2 "
+        "gateway 192.0.2.254\n"
+        "ip lan1 address 10.10.0.1/16\n"
+        "ip filter 1 pass 10.10.0.0/16 * tcp * www,https\n"
+        "ip filter 2 reject * * udp * *\n"
+        "ip filter 3 pass-log 10.10.1.* * udp * domain\n"
+    )
     want = SmtpRoute(10, "192.168.0.254", "192.0.2.254")
     assert _plan_and_check(config, want) == [
         FILTER,
         "ip route default gateway 192.0.2.1 filter 1 2 gateway 192.0.2.2 filter 3 metric 2 "
         "gateway 192.168.0.254 filter 10 gateway 192.0.2.254",
     ]
+
+
+FINDING_6 = (
+    "ip route default gateway pp 1 filter 500 keepalive 1 gateway tunnel 2\n"
+    "ip lan1 address 192.168.0.1/24\n"
+    "ip filter 500 pass 192.168.0.0/24 * udp * domain\n"
+)
+
+
+def test_finding_6_an_admin_gateway_survives_set_renumber_and_remove() -> None:
+    config = RtxConfig.parse(FINDING_6)
+    assert _plan_and_check(config, WANT) == [
+        FILTER,
+        "ip route default gateway pp 1 filter 500 keepalive 1 gateway 192.168.0.254 filter 10 "
+        "gateway tunnel 2",
+    ]
+    migrated = simulate(config, plan_commands(config, WANT))[-1]
+    assert _plan_and_check(migrated, SmtpRoute(20, "192.168.0.254", "tunnel 2"), managed=10) == [
+        "ip filter 20 pass * * tcp * smtp",
+        "ip route default gateway pp 1 filter 500 keepalive 1 gateway 192.168.0.254 filter 20 "
+        "gateway tunnel 2",
+        "no ip filter 10",
+    ]
+    assert _plan_and_check(migrated, None, managed=10) == [
+        "ip route default gateway pp 1 filter 500 keepalive 1 gateway tunnel 2",
+        "no ip filter 10",
+    ]
+    # The admin's filter 500 is never taken unless the journal says it is mailrec's.
+    with pytest.raises(RtxPolicyError, match="filter 500 is already used by an unrelated rule"):
+        plan_commands(config, SmtpRoute(500, "192.168.0.254", "tunnel 2"))
+
+
+def test_load_balanced_unfiltered_gateways_are_not_replaced() -> None:
+    config = corpus_config("rtx1200_dual_pppoe_lb.conf")
+    with pytest.raises(RtxPolicyError, match=r"several gateways without a filter \('pp 1', "
+                       r"'pp 2'\): mailrec will not choose"):
+        plan_commands(config, SmtpRoute(10, "192.168.1.254", "tunnel 1"))
+    assert plan_commands(config, SmtpRoute(10, "192.168.1.254", "pp 1")) == [
+        FILTER,
+        "ip route default gateway pp 2 filter 100 101 keepalive 2 gateway 192.168.1.254 "
+        "filter 10 gateway pp 1 weight 2 hide gateway pp 2 weight 1 hide",
+    ]
+
+
+def test_a_filter_used_in_another_namespace_is_refused() -> None:
+    config = corpus_config("rtx1220_filter_references.conf")
+    with pytest.raises(RtxPolicyError, match=r"filter 21 is not defined but is used by "
+                       r"'ip filter directed-broadcast filter 21 22'"):
+        plan_commands(config, SmtpRoute(21, "192.168.0.254", "tunnel 2"))
+    with pytest.raises(RtxPolicyError, match=r"filter 14 is not defined but is used by "
+                       r"'ip lan2 secure filter name office' \(and 1 more\)"):
+        plan_commands(config, SmtpRoute(14, "192.168.0.254", "tunnel 2"))
 
 
 def test_parameters_of_an_existing_policy_entry_are_kept() -> None:
@@ -259,5 +332,8 @@ def test_facts_of_the_story_router() -> None:
     legacy = router_facts(corpus_config("rtx810_smtp_relay_legacy.conf"))
     assert legacy.smtp_gateway == "tunnel 2"  # filter 10 matches telnet only
     dual = router_facts(corpus_config("rtx1200_dual_pppoe_lb.conf"))
-    assert dual.smtp_gateway == "pp 1"  # 100 is www only, 101 rejects: first unfiltered
+    # 100 is www only, 101 rejects: the two unfiltered lines share the rest (load
+    # balancing), so tcp/25 may leave through either, and no single gateway is certain.
+    assert dual.smtp_egress == ("pp 1", "pp 2")
+    assert dual.smtp_gateway is None
     assert router_facts(RtxConfig.parse("ip lan1 address 192.168.0.1/24\n")).default_route is None

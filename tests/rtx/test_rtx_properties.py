@@ -1,11 +1,13 @@
-"""Property tests: generated `ip filter` / `ip route` lines round-trip, and every plan the
-policy makes keeps MR009 at each step and converges."""
+"""Property tests: generated `ip filter` / `ip route` lines round-trip, every plan the
+policy makes keeps MR009 at each step and converges, and the planner's router steps change
+mailrec's filter and its route entry and nothing else."""
 
 from __future__ import annotations
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from reconciler.drivers.router import commands_for
 from reconciler.drivers.rtx.config import (
     PORT_NAMES,
     IpFilter,
@@ -22,6 +24,8 @@ from reconciler.drivers.rtx.policy import (
     plan_commands,
     simulate,
 )
+from reconciler.drivers.rtx.queries import filter_references
+from reconciler.steps import SetDefaultRoute, SetRouterFilter, Step
 
 from .conftest import corpus_text
 
@@ -208,3 +212,141 @@ def test_every_plan_keeps_mr009_and_converges(
     # Minimal: at most one filter definition, one route line, one removal.
     assert len(commands) <= 3
     assert sum(c.startswith("ip route ") for c in commands) <= 1
+
+
+# --- the planner's steps leave every admin line alone ---------------------------------------
+
+ADMIN_FILTERS = [500, 501, 600, 1010, 2000]
+admin_filter_body = st.sampled_from(
+    [
+        "pass * * udp * domain",
+        "reject * * tcp * telnet",
+        "pass 192.168.0.0/24 * tcp * www,https",
+        "reject 10.0.0.0/8 * * * *",
+        "pass * 10.0.0.0/8 * * *",
+        "pass-log * * tcp * smtp",  # an admin's own SMTP pass
+        "restrict * * tcp,udp * *",
+    ]
+)
+admin_gateway = st.sampled_from(["pp 1", "pp 2", "tunnel 1", "192.0.2.1", "dhcp lan2", "lan3"])
+unfiltered_params = st.lists(
+    st.sampled_from(["weight 2", "weight 1", "hide", "keepalive 3", "metric 2"]),
+    max_size=2,
+    unique=True,
+)
+filtered_params = st.lists(
+    st.sampled_from(["keepalive 1", "metric 2", "hide", "weight 3"]), max_size=2, unique=True
+)
+unknown_line = st.sampled_from(
+    [
+        "nat descriptor type 1 masquerade",
+        "nat descriptor masquerade static 1 1 192.168.0.25 tcp smtp",
+        'description lan1 "filter 10 (not a reference)"',
+        "  ip lan1 proxyarp on  ",
+        "dns server 198.51.100.53",
+        "ip  filter   2001  pass  *  *  udp",  # non-canonical: printed verbatim
+        "schedule at 1 */* 03:00 * lua /sd/x.lua",
+        "",
+    ]
+)
+MAILREC_NUMBERS = [10, 20, 500, 100]
+
+
+@st.composite
+def admin_configs(draw: st.DrawFn) -> RtxConfig:
+    numbers = draw(st.lists(st.sampled_from(ADMIN_FILTERS), min_size=1, max_size=4, unique=True))
+    filters = [f"ip filter {n} {draw(admin_filter_body)}" for n in sorted(numbers)]
+    entries: list[str] = []
+    for _ in range(draw(st.integers(0, 3))):
+        listed = draw(st.lists(st.sampled_from(numbers), min_size=1, max_size=2, unique=True))
+        params = " ".join(["filter", *map(str, listed), *draw(filtered_params)])
+        entries.append(f"gateway {draw(admin_gateway)} {params}")
+    for name in draw(st.lists(admin_gateway, min_size=1, max_size=2, unique=True)):
+        entries.append(" ".join(["gateway", name, *draw(unfiltered_params)]))
+    lines = [
+        "# RTX1210 Rev.14.01.38 (Fri Jul  3 09:56:21 2020)",
+        "ip route default " + " ".join(entries),
+        "ip route 10.8.0.0/16 gateway tunnel 1",
+        "ip lan1 address 192.168.0.1/24",
+    ]
+    secure = draw(st.lists(st.sampled_from([*numbers, 10, 20, 3000]), max_size=3, unique=True))
+    if secure:
+        lines.append("ip lan1 secure filter in " + " ".join(map(str, secure)) + " dynamic 100")
+    if draw(st.booleans()):
+        lines += ["pp select 1", " ip pp secure filter out 3000 dynamic 101", "pp select none"]
+    lines += filters
+    lines.append("ip filter 3000 pass * * * * *")
+    lines.append("ip filter dynamic 100 * * www")
+    if draw(st.booleans()):
+        lines.append(f"ip filter dynamic 101 * * filter {draw(st.sampled_from(numbers))} in 3000")
+    for _ in range(draw(st.integers(0, 4))):
+        lines.insert(draw(st.integers(1, len(lines))), draw(unknown_line))
+    eol = draw(st.sampled_from(["\n", "\r\n"]))
+    return RtxConfig.parse(eol.join(lines) + eol)
+
+
+def _entries(config: RtxConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    route = config.default_route()
+    assert route is not None
+    return tuple((g.gateway, g.filters) for g in route.gateways)
+
+
+def _other_lines(config: RtxConfig, number: int) -> list[str]:
+    """Every line but mailrec's filter definition and the default route, with its ending."""
+    return [
+        line.text + line.eol
+        for line in config.lines
+        if not (isinstance(line.node, IpFilter) and line.node.number == number)
+        and not (isinstance(line.node, IpRoute) and line.node.is_default)
+    ]
+
+
+def _step(config: RtxConfig, step: Step) -> RtxConfig:
+    for command in commands_for(step, config):
+        config = config.apply(command)
+    return config
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    admin_configs(),
+    st.sampled_from(MAILREC_NUMBERS),
+    st.sampled_from(["192.168.0.254", "tunnel 2", "pp 1"]),
+)
+def test_mailrec_steps_change_only_its_filter_and_its_entry(
+    config: RtxConfig, number: int, gateway: str
+) -> None:
+    admin_route = config.default_route()
+    assert admin_route is not None
+    before = _entries(config)
+    existing = config.filter(number)
+    clash = (existing is not None and not existing.is_smtp_pass) or (
+        number in filter_references(config)
+    )
+    step = SetRouterFilter(number, True, f"ip filter {number} pass * * tcp * smtp")
+    try:
+        added = _step(config, step)
+    except RtxPolicyError as exc:
+        assert clash, exc  # refused only for a number someone else uses (MR014)
+        return
+    assert not clash
+    if existing is not None:
+        assert added == config  # an SMTP pass already: reused, nothing typed
+        return
+    first_unfiltered = next(i for i, (_, f) in enumerate(before) if not f)
+    after = (*before[:first_unfiltered], (gateway, (number,)), *before[first_unfiltered:])
+    routed = _step(added, SetDefaultRoute(before, after))
+    for state in (added, routed):
+        assert _other_lines(state, number) == _other_lines(config, number)
+        assert invariant_problems(state) == []
+    new_route = routed.default_route()
+    assert new_route is not None
+    # The admin's entries are all there, parameters as written, in the same order.
+    theirs = [g for g in new_route.gateways if g.filters != (number,)]
+    assert theirs == list(admin_route.gateways)
+    assert _entries(routed) == after
+    # And back: the route first, then the filter; the text is the original byte for byte.
+    restored = _step(routed, SetDefaultRoute(after, before))
+    removed = _step(restored, SetRouterFilter(number, False, ""))
+    assert _other_lines(restored, number) == _other_lines(config, number)
+    assert removed.render() == config.render()

@@ -213,12 +213,6 @@ def protocol_is_exactly_tcp(word: str | None) -> bool:
     return word in ("tcp", "6")
 
 
-def protocol_covers_tcp(word: str | None) -> bool:
-    if word is None or word == "*":
-        return True
-    return any(part in ("tcp", "6") for part in word.split(","))
-
-
 def port_number(word: str) -> int | None:
     if word in PORT_NAMES:
         return PORT_NAMES[word]
@@ -244,16 +238,6 @@ def valid_ports(word: str) -> bool:
         return True
     parts = word.split(",")
     return len(parts) <= MAX_PORT_LIST and all(_port_range(p) is not None for p in parts)
-
-
-def ports_cover(word: str | None, port: int) -> bool:
-    if word is None or word == "*":
-        return True
-    for part in word.split(","):
-        bounds = _port_range(part)
-        if bounds is not None and bounds[0] <= port <= bounds[1]:
-            return True
-    return False
 
 
 def ports_are_exactly(word: str | None, port: int) -> bool:
@@ -297,16 +281,6 @@ class IpFilter:
             and self.src_port in (None, "*")
             and ports_are_exactly(self.dst_port, SMTP_PORT)
             and not self.extra
-        )
-
-    def decides_tcp25(self) -> bool:
-        """Whether this filter matches an SMTP connection (tcp to port 25 from an
-        ephemeral port). Addresses are not evaluated: the egress question is asked for SMTP
-        from any host, and an address-restricted rule is still the one that decides it."""
-        return (
-            protocol_covers_tcp(self.protocol)
-            and self.src_port in (None, "*")
-            and ports_cover(self.dst_port, SMTP_PORT)
         )
 
     def validate(self) -> None:
@@ -761,7 +735,7 @@ class RtxConfig:
 
     def filter_references(self, number: int) -> list[ConfigLine]:
         """Lines that use static filter `number`: routes, interface secure filter lists and
-        dynamic filters naming static filters."""
+        dynamic filters naming static filters (every use, MR014's: queries.filter_references)."""
         users: list[ConfigLine] = []
         for line, node in self.nodes():
             if isinstance(node, IpRoute | IpFilterDynamic):

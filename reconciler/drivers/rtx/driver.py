@@ -1,8 +1,10 @@
 """The RTX router driver: observe the configuration, apply planned commands safely.
 
 Where it sits: the core's observe step calls `RtxDriver.observe()` and turns the returned
-`RouterFacts` into its world snapshot; the apply step takes the lines `policy.plan_commands`
-planned and calls `RtxDriver.apply()`. Each call is one SSH session (`session.py`).
+configuration into its world snapshot (`drivers/router.py:world_facts`); the apply step
+translates a planner step into lines (`policy.filter_step_commands` /
+`policy.route_step_commands`) and calls `RtxDriver.apply()`. Each call is one SSH session
+(`session.py`). Passwords with a control character are refused before anything is sent.
 
 `apply` is all-or-nothing as far as the saved configuration goes: the commands are typed in
 administrator mode, and only when every one was accepted does `save` run. When the router
@@ -28,6 +30,7 @@ from reconciler.drivers.rtx.config import (
     command_key,
 )
 from reconciler.drivers.rtx.policy import rollback_commands, simulate, validate_command
+from reconciler.drivers.rtx.queries import default_route_entries, filter_verdicts
 from reconciler.drivers.rtx.session import (
     RtxAuthError,
     RtxCommandError,
@@ -35,7 +38,9 @@ from reconciler.drivers.rtx.session import (
     RtxError,
     RtxHostKeyError,
     RtxSession,
+    check_typed_secret,
 )
+from reconciler.world import RouteEntries, tcp25_egress
 
 __all__ = [
     "RouterFacts",
@@ -50,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DefaultRoute = tuple[tuple[str, tuple[int, ...]], ...]
+DefaultRoute = RouteEntries
 
 
 @dataclass(frozen=True)
@@ -61,42 +66,24 @@ class RouterFacts:
     smtp_filter_ok: dict[int, bool]  # N -> a pass of tcp to port smtp/25 from anywhere
     default_route: DefaultRoute | None  # ((gateway, (filter, ...)), ...); None: no default route
     raw: str  # the `show config` text as read
-    # The gateway tcp/25 leaves through by RTX's rules (filtered gateways in written order,
-    # else the unfiltered one): the input for MR005's egress check. None: no default route.
+    # The one gateway all of the office's tcp/25 leaves through by RTX's first-match rules
+    # (`reconciler.world.tcp25_egress`); None when that is not one certain gateway.
     smtp_gateway: str | None = None
-
-
-def _smtp_gateway(config: RtxConfig, route: IpRoute | None) -> str | None:
-    if route is None:
-        return None
-    filters = config.static_filters()
-    for gateway in route.gateways:
-        if not gateway.filters:
-            continue
-        # The first filter of the list that matches decides: pass selects this gateway,
-        # reject skips it. Undefined filters match nothing.
-        for number in gateway.filters:
-            rule = filters.get(number)
-            if rule is None or not rule.decides_tcp25():
-                continue
-            if rule.action.startswith("pass") or rule.action.startswith("restrict"):
-                return gateway.gateway
-            break
-    unfiltered = [g.gateway for g in route.gateways if not g.filters]
-    return unfiltered[0] if unfiltered else None
+    # Every gateway some of it may leave through; (): SMTP has no route at all.
+    smtp_egress: tuple[str, ...] = ()
 
 
 def router_facts(config: RtxConfig) -> RouterFacts:
-    filters = config.static_filters()
-    route = config.default_route()
+    route = default_route_entries(config)
+    # The one egress function safety asks too, fed with the same filter verdicts.
+    egress = tcp25_egress(route, filter_verdicts(config))
     return RouterFacts(
         filters=config.static_filter_lines(),
-        smtp_filter_ok={n: f.is_smtp_pass for n, f in filters.items()},
-        default_route=None
-        if route is None
-        else tuple((g.gateway, g.filters) for g in route.gateways),
+        smtp_filter_ok={n: f.is_smtp_pass for n, f in config.static_filters().items()},
+        default_route=route,
         raw=config.render(),
-        smtp_gateway=_smtp_gateway(config, route),
+        smtp_gateway=egress[0] if len(egress) == 1 else None,
+        smtp_egress=egress,
     )
 
 
@@ -152,6 +139,9 @@ class RtxDriver:
     def __repr__(self) -> str:  # never shows a password
         return f"RtxDriver({self.username}@{self.host}:{self.port})"
 
+    def _where(self) -> str:
+        return f"the router at {self.host}:{self.port}"
+
     def _session(self) -> RtxSession:
         return RtxSession(
             self.host,
@@ -171,18 +161,33 @@ class RtxDriver:
         config = RtxConfig.parse(text)
         return config, router_facts(config)
 
-    def apply(self, commands: list[str]) -> RtxConfig:
+    def apply(self, commands: list[str], *, planned_from: RtxConfig | None = None) -> RtxConfig:
         """Type `commands` in administrator mode, `save`, and return the configuration read
         back afterwards. Raises RtxPolicyError (before connecting) for a command mailrec
-        would not plan, RtxAuthError for a refused login or administrator password, and
-        RtxCommandError when the router refuses a command (the saved configuration is then
-        unchanged and the running one restored) or the result does not verify."""
+        would not plan, RtxAuthError for a refused login or administrator password (or one
+        with a control character, before connecting), and RtxCommandError when the router
+        refuses a command (the saved configuration is then unchanged and the running one
+        restored) or the result does not verify.
+
+        `planned_from`: the configuration the commands were computed from. When the router's
+        configuration is no longer that one (someone changed it since), nothing is typed and
+        RtxCommandError is raised."""
         checked = [validate_command(c) for c in commands]
         if not checked:
             return self.observe()[0]
+        # Before connecting: a line break in the password would type more admin commands.
+        check_typed_secret(self._admin_password, "administrator password", self._where())
         with self._session() as session:
             session.prepare()
             before = RtxConfig.parse(session.show_config())
+            if planned_from is not None:
+                changed = _changed_lines(planned_from, before, set())
+                if changed:
+                    session.quit()
+                    raise RtxCommandError(
+                        f"the configuration of {self._where()} changed after it was read "
+                        f"({'; '.join(changed[:3])}): nothing was sent; observe again"
+                    )
             expected = simulate(before, checked)[-1]
             session.enter_administrator(self._admin_password)
             self._run_all(session, before, checked)

@@ -1,23 +1,30 @@
-"""The SMTP policy route: desired state -> the minimal, safely ordered RTX commands.
+"""The SMTP policy route on the RTX: the planner's router steps -> the exact RTX commands, and
+(for the driver's own tests and tools) a desired `SmtpRoute` -> the minimal, safely ordered
+command list.
 
-Where it sits: between the parsed router configuration (`config.py`) and the session that
-types commands (`session.py`/`driver.py`). The core builds an `SmtpRoute` from the state file,
-calls `plan_commands` with the observed `RtxConfig`, shows the returned lines in the plan, and
-hands them to `RtxDriver.apply`.
+Where it sits: between the parsed router configuration (`config.py`, read by `queries.py`)
+and the session that types commands (`session.py`/`driver.py`). The backend translates each
+planner step with `filter_step_commands` / `route_step_commands` (via
+`drivers/router.py:commands_for`) and hands the lines to `RtxDriver.apply`.
 
-What it manages, and nothing else: the static filter `ip filter N pass * * tcp * smtp` and the
-default route `ip route default gateway G filter N gateway OTHERWISE`. Every other line,
-other filtered gateways of the default route included, is left as it is.
+What mailrec changes, and nothing else: its own static filter `ip filter N pass * * tcp *
+smtp` and its own entry `gateway G filter N` of the default route. Every other line, and
+every other gateway entry of the default route with its parameters and in its order, is
+left as it is. A filter number that is defined or used anywhere else is never taken (MR014):
+see `queries.filter_references`.
 
 Order (MR009): the filter is defined before the route references it; the default route is
 replaced by one `ip route default ...` command (the router overwrites the definition in
 place, so there is never a moment without a default route) and always keeps a gateway
-without a filter; a filter is removed only after no route uses it. Every plan is checked by
-simulating it command by command with the same `RtxConfig.apply` the lab emulator runs.
+without a filter; a filter is removed only after nothing uses it. Every command list is
+checked by simulating it command by command with the same `RtxConfig.apply` the lab
+emulator runs.
 
 Everything that reaches the router is built here from validated parts: the filter number is
-an int in range and gateways must match the strict RTX gateway grammar, so nothing a state
-file says can smuggle another command into the router's shell.
+an int in range and new gateways must match the strict gateway grammar of the state file;
+entries kept from the router's own route are re-sent as the router printed them, after the
+strict `ip route` grammar accepted them, so nothing can smuggle another command into the
+router's shell.
 """
 
 from __future__ import annotations
@@ -37,9 +44,19 @@ from reconciler.drivers.rtx.config import (
     is_ipv4,
     parse_command,
 )
+from reconciler.drivers.rtx.queries import (
+    default_route_entries,
+    default_route_uses,
+    filter_verdicts,
+    references_to,
+    smtp_catchers,
+)
+from reconciler.model import FILTER_MAX
+from reconciler.world import Coverage, RouteEntries, tcp25_egress
 
-# The RTX filter number range for static filters (1..21474836 on RTX1200/1210/830).
-MAX_MANAGED_FILTER = 21474836
+# The RTX filter number range for static filters (1..21474836 on RTX1200/1210/830): one
+# number, the one the state file's schema checks too.
+MAX_MANAGED_FILTER = FILTER_MAX
 
 # Gateway forms mailrec writes: an IPv4 address or a named interface (same set as the state
 # file schema accepts, see reconciler.model.GATEWAY_IFACE_RE).
@@ -144,17 +161,42 @@ def simulate(config: RtxConfig, commands: list[str]) -> list[RtxConfig]:
 # --- planning ------------------------------------------------------------------------------
 
 
-def _other_users(config: RtxConfig, number: int) -> list[str]:
-    """Lines other than the default route that use filter `number`."""
-    return [
-        line.text.strip()
-        for line in config.filter_references(number)
-        if not (isinstance(line.node, IpRoute) and line.node.is_default)
-    ]
+def _entry_text(gateway: RouteGateway) -> str:
+    return " ".join(gateway.tokens())
 
 
-def _is_policy_entry(gateway: RouteGateway, number: int) -> bool:
-    return gateway.filters == (number,)
+def _entries_text(entries: RouteEntries | None) -> str:
+    if not entries:
+        return "(no default route)"
+    words = ["ip route default"]
+    for gateway, filters in entries:
+        words.append(f"gateway {gateway}")
+        if filters:
+            words.append("filter " + " ".join(map(str, filters)))
+    return " ".join(words)
+
+
+def route_from_entries(current: IpRoute, after: RouteEntries) -> IpRoute:
+    """The route `after` (((gateway, (filter, ...)), ...), in that order), where every entry
+    that also exists in `current` (same gateway, same filter list; repeated entries matched
+    in order) keeps its parameters (metric, keepalive, weight, hide, ...) exactly as written.
+    A new entry gets only its filter list; its gateway and filter numbers are validated."""
+    pool: dict[tuple[str, tuple[int, ...]], list[RouteGateway]] = {}
+    for gateway in current.gateways:
+        pool.setdefault((gateway.gateway, gateway.filters), []).append(gateway)
+    built: list[RouteGateway] = []
+    for name, filters in after:
+        kept = pool.get((name, tuple(filters)))
+        if kept:
+            built.append(kept.pop(0))
+            continue
+        canonical = validate_gateway(name)
+        numbers = tuple(validate_filter_number(n) for n in filters)
+        params = (RouteParam("filter", tuple(map(str, numbers))),) if numbers else ()
+        built.append(RouteGateway(canonical, params))
+    if not built:
+        raise RtxPolicyError("the planned default route has no gateway at all (MR009)")
+    return IpRoute(current.network, tuple(built))
 
 
 def _check_not_shared(route: IpRoute, number: int) -> None:
@@ -167,44 +209,78 @@ def _check_not_shared(route: IpRoute, number: int) -> None:
             )
 
 
-def _desired_route(route: IpRoute, want: SmtpRoute, old: int | None) -> IpRoute:
-    """The current default route with the policy entry set and the unfiltered gateway set
-    to `otherwise`; other filtered gateways keep their place and parameters."""
-    _check_not_shared(route, want.filter)
-    ours = RouteGateway(want.gateway, (RouteParam("filter", (str(want.filter),)),))
-    entries: list[RouteGateway] = []
-    our_index: int | None = None
-    for gateway in route.gateways:
-        mine = _is_policy_entry(gateway, want.filter) or (
-            old is not None and _is_policy_entry(gateway, old)
-        )
-        if mine:
-            if our_index is None:
-                our_index = len(entries)
-                # An entry that is already right keeps its parameters (e.g. a `keepalive`
-                # the admin added to it).
-                if gateway.gateway == want.gateway and gateway.filters == (want.filter,):
-                    ours = gateway
+def desired_entries(current: RouteEntries, want: SmtpRoute, old: int | None) -> RouteEntries:
+    """The default route's entries with mailrec's entry (`gateway G filter N`) set and an
+    unfiltered gateway `otherwise`; every other entry keeps its place.
+
+    mailrec's entry is the one whose filter list is exactly (N,) (or (old,) when the journal
+    says mailrec used filter `old` before); a new one goes before the first unfiltered
+    gateway, after the admin's filtered entries. When `otherwise` is not an unfiltered
+    gateway already, it replaces the only unfiltered gateway (or is added when there is
+    none); with several unfiltered gateways (load balancing, backups) mailrec does not
+    choose which one to replace and refuses."""
+    ours: int | None = None
+    kept: list[tuple[str, tuple[int, ...]]] = []
+    for gateway, filters in current:
+        if filters == (want.filter,) or (old is not None and filters == (old,)):
+            if ours is None:
+                ours = len(kept)
             continue
-        entries.append(gateway)
-    unfiltered = [i for i, g in enumerate(entries) if not g.filters]
-    if not any(entries[i].gateway == want.otherwise for i in unfiltered):
-        # Replace the unfiltered gateway(s) by `otherwise`, where the first one was.
-        at = unfiltered[0] if unfiltered else len(entries)
-        entries = [g for g in entries if g.filters]
-        at = min(at, len(entries))
-        entries.insert(at, RouteGateway(want.otherwise))
-    if our_index is None:
-        # A new policy entry goes after the filtered gateways already there (they keep
-        # their precedence) and before the unfiltered ones.
-        first_unfiltered = min(i for i, g in enumerate(entries) if not g.filters)
-        our_index = first_unfiltered
-    entries.insert(min(our_index, len(entries)), ours)
-    return IpRoute(route.network, tuple(entries))
+        kept.append((gateway, filters))
+    unfiltered = [i for i, (_, filters) in enumerate(kept) if not filters]
+    if not any(kept[i][0] == want.otherwise for i in unfiltered):
+        if len(unfiltered) > 1:
+            names = ", ".join(repr(kept[i][0]) for i in unfiltered)
+            raise RtxPolicyError(
+                f"the default route has several gateways without a filter ({names}): mailrec "
+                f"will not choose which one to replace by {want.otherwise!r}; set the route's "
+                "unfiltered gateways on the router, or make `otherwise` one of them"
+            )
+        if unfiltered:
+            kept[unfiltered[0]] = (want.otherwise, ())
+        else:
+            kept.append((want.otherwise, ()))
+            unfiltered = [len(kept) - 1]
+    first_unfiltered = min(i for i, (_, filters) in enumerate(kept) if not filters)
+    at = first_unfiltered if ours is None else min(ours, first_unfiltered)
+    kept.insert(at, (want.gateway, (want.filter,)))
+    return tuple(kept)
 
 
-def _route_command(route: IpRoute) -> str:
-    return route.render()
+def _check_egress(config: RtxConfig, want: SmtpRoute) -> None:
+    """Refuse when the router's first-match evaluation would not send all of the office's
+    tcp/25 through mailrec's entry, naming the entry that catches it first."""
+    entries = default_route_entries(config)
+    verdicts = filter_verdicts(config)
+    if entries is None or tcp25_egress(entries, verdicts) == (want.gateway,):
+        return
+    route = config.default_route()
+    assert route is not None
+    mine = [i for i, e in enumerate(entries) if e == (want.gateway, (want.filter,))]
+    catchers = smtp_catchers(entries, verdicts, mine[0] if mine else len(entries))
+    if not catchers:
+        raise RtxPolicyError(
+            f"tcp/25 from the LAN would not leave through {want.gateway!r} alone "
+            f"(it may leave through {', '.join(tcp25_egress(entries, verdicts)) or 'nothing'})"
+        )
+    catch = catchers[0]
+    entry = _entry_text(route.gateways[catch.index])
+    if catch.number is None:
+        reason = "it has no filter and takes all traffic"
+    else:
+        line = config.static_filter_lines().get(catch.number, f"ip filter {catch.number}")
+        share = "all" if catch.coverage is Coverage.ALL else "some"
+        reason = f"its filter {catch.number} ({line!r}) passes {share} of it"
+    raise RtxPolicyError(
+        f"tcp/25 from the LAN would not leave through {want.gateway!r}: the default route's "
+        f"entry {entry!r} comes first and {reason}; change that entry on the router, or "
+        "route SMTP through it"
+    )
+
+
+def _refs_message(number: int, users: tuple[str, ...]) -> str:
+    more = f" (and {len(users) - 1} more)" if len(users) > 1 else ""
+    return f"{users[0]!r}{more}"
 
 
 def _plan_set(config: RtxConfig, want: SmtpRoute, managed: int | None) -> list[str]:
@@ -216,12 +292,13 @@ def _plan_set(config: RtxConfig, want: SmtpRoute, managed: int | None) -> list[s
         )
     commands: list[str] = []
     existing = config.filter(want.filter)
-    others = _other_users(config, want.filter)
+    others = references_to(config, want.filter)
     if existing is None:
         if others:
             raise RtxPolicyError(
-                f"filter {want.filter} is not defined but is used by {others[0]!r}: defining "
-                "it would change that rule; choose another filter number"
+                f"filter {want.filter} is not defined but is used by "
+                f"{_refs_message(want.filter, others)}: defining it would change that rule; "
+                "choose another filter number"
             )
         commands.append(filter_command(want.filter))
     elif not existing.is_smtp_pass:
@@ -233,11 +310,14 @@ def _plan_set(config: RtxConfig, want: SmtpRoute, managed: int | None) -> list[s
                 f"{existing.render()!r}; choose another filter number"
             )
     old = managed if managed is not None and managed != want.filter else None
-    new_route = _desired_route(route, want, old)
+    _check_not_shared(route, want.filter)
+    current = tuple((g.gateway, g.filters) for g in route.gateways)
+    new_route = route_from_entries(route, desired_entries(current, want, old))
     if new_route != route:
-        commands.append(_route_command(new_route))
+        commands.append(new_route.render())
+    after = simulate(config, commands)[-1] if commands else config
+    _check_egress(after, want)
     if old is not None:
-        after = simulate(config, commands)[-1] if commands else config
         commands.extend(_cleanup(after, [old], old))
     return commands
 
@@ -247,7 +327,11 @@ def _cleanup(config: RtxConfig, numbers: list[int], managed: int | None) -> list
     commands: list[str] = []
     for number in numbers:
         existing = config.filter(number)
-        if existing is None or config.filter_references(number):
+        if (
+            existing is None
+            or references_to(config, number)
+            or default_route_uses(config, number) is not None
+        ):
             continue
         if existing.is_smtp_pass or number == managed:
             commands.append(f"no ip filter {number}")
@@ -278,7 +362,7 @@ def _plan_remove(config: RtxConfig, managed: int | None) -> list[str]:
         )
     for number in targets:
         _check_not_shared(route, number)
-    kept = tuple(g for g in route.gateways if not any(_is_policy_entry(g, n) for n in targets))
+    kept = tuple(g for g in route.gateways if not any(g.filters == (n,) for n in targets))
     if not any(not g.filters for g in kept):
         raise RtxPolicyError(
             "removing the policy route would leave the default route without a gateway that "
@@ -287,7 +371,7 @@ def _plan_remove(config: RtxConfig, managed: int | None) -> list[str]:
     commands: list[str] = []
     after = config
     if kept != route.gateways:
-        command = _route_command(IpRoute(route.network, kept))
+        command = IpRoute(route.network, kept).render()
         commands.append(command)
         after = config.apply(command)
     return commands + _cleanup(after, targets, managed)
@@ -300,10 +384,13 @@ def plan_commands(
     to `desired`; [] when in sync. `desired=None` removes the policy: the default route goes
     back to its unfiltered gateway(s), then `no ip filter N`. `managed_filter` is the filter
     number mailrec set up before (the journal knows it): it may be rewritten, renumbered
-    away from, or removed, even when its line no longer looks like an SMTP pass.
+    away from, or removed, even when its line no longer looks like an SMTP pass; no other
+    filter is ever rewritten or removed unless it is exactly an SMTP pass nothing else uses.
 
-    Raises RtxPolicyError for a filter number used by an unrelated rule, an invalid gateway,
-    a configuration without a default route, or a plan that would break MR009.
+    Raises RtxPolicyError for a filter number used by an unrelated rule (or by any other
+    line, see `queries.filter_references`), an invalid gateway, a configuration without a
+    default route, an admin entry that would catch tcp/25 before mailrec's, or a plan that
+    would break MR009.
     """
     managed = None if managed_filter is None else validate_filter_number(managed_filter)
     if desired is None:
@@ -312,6 +399,105 @@ def plan_commands(
         commands = _plan_set(config, _validated(desired), managed)
     _check_plan(config, commands)
     return commands
+
+
+# --- the planner's steps, translated --------------------------------------------------------
+
+
+def filter_step_commands(config: RtxConfig, number: int, present: bool) -> list[str]:
+    """The commands for the planner's filter step, or RtxPolicyError. Defining: only a number
+    that is undefined (or already exactly an SMTP pass: then nothing to do) and that no other
+    line uses. Deleting: only an SMTP pass that nothing uses any more (absent: nothing)."""
+    number = validate_filter_number(number)
+    existing = config.filter(number)
+    others = references_to(config, number)
+    if present:
+        if existing is not None and not existing.is_smtp_pass:
+            raise RtxPolicyError(
+                f"filter {number} is already used by an unrelated rule "
+                f"{config.static_filter_lines()[number]!r}; choose another filter number"
+            )
+        if others:
+            state = "not defined but is" if existing is None else "an SMTP pass but also"
+            raise RtxPolicyError(
+                f"filter {number} is {state} used by {_refs_message(number, others)}: "
+                "mailrec does not take a filter number another rule uses (MR014); choose "
+                "another filter number"
+            )
+        return [] if existing is not None else [filter_command(number)]
+    if existing is None:
+        return []
+    if not existing.is_smtp_pass:
+        raise RtxPolicyError(
+            f"filter {number} is {config.static_filter_lines()[number]!r}, not mailrec's SMTP "
+            "pass: refusing to delete it"
+        )
+    route_line = default_route_uses(config, number)
+    users = ((route_line,) if route_line else ()) + others
+    if users:
+        raise RtxPolicyError(
+            f"filter {number} is still used by {_refs_message(number, users)}: refusing to "
+            "delete it"
+        )
+    commands = [f"no ip filter {number}"]
+    _check_plan(config, commands)
+    return commands
+
+
+def _mailrec_entry(config: RtxConfig, filters: tuple[int, ...]) -> bool:
+    if len(filters) != 1:
+        return False
+    rule = config.filter(filters[0])
+    return rule is not None and rule.is_smtp_pass
+
+
+def route_step_commands(
+    config: RtxConfig, before: RouteEntries | None, after: RouteEntries
+) -> list[str]:
+    """The one `ip route default ...` line for the planner's route step: `after`, in that
+    order, each entry that the current route has too keeping its parameters as written.
+
+    Refused (RtxPolicyError): no default route; the route is no longer `before` (changed
+    since the plan); `after` drops or reorders an admin's filtered entry (one that is not a
+    single SMTP pass filter, i.e. not mailrec's); an invalid new gateway or filter number;
+    a result that breaks MR009. Nothing to do when the route already is `after`."""
+    route = config.default_route()
+    if route is None:
+        raise RtxPolicyError(
+            "the router has no default route: mailrec changes an existing default route and "
+            "will not create one (add `ip route default gateway ...` on the router first)"
+        )
+    current = tuple((g.gateway, g.filters) for g in route.gateways)
+    wanted = tuple((gateway, tuple(filters)) for gateway, filters in after)
+    if current == wanted:
+        return []
+    planned = None if before is None else tuple((g, tuple(f)) for g, f in before)
+    if current != planned:
+        raise RtxPolicyError(
+            "the router's default route changed since the plan: planned from "
+            f"{_entries_text(planned)!r}, the router now has {route.render()!r}; observe and "
+            "plan again"
+        )
+    admin = [
+        (g.gateway, g.filters)
+        for g in route.gateways
+        if g.filters and not _mailrec_entry(config, g.filters)
+    ]
+    for key, gateway in zip(current, route.gateways, strict=True):
+        if key in admin and wanted.count(key) < current.count(key):
+            raise RtxPolicyError(
+                f"the planned default route drops the entry {_entry_text(gateway)!r}, which "
+                "is not mailrec's: mailrec changes only its own gateway entry"
+            )
+    if [key for key in wanted if key in admin] != admin:
+        raise RtxPolicyError(
+            "the planned default route reorders entries that are not mailrec's "
+            f"({_entries_text(tuple(admin))!r}): mailrec changes only its own gateway entry"
+        )
+    command = route_from_entries(route, wanted).render()
+    validate_command(command)
+    _check_plan(config, [command])
+    return [command]
 
 
 def _check_plan(config: RtxConfig, commands: list[str]) -> None:
@@ -346,9 +532,6 @@ def validate_command(command: str) -> str:
             canonical = parsed.render()
     except RtxSyntaxError as exc:
         raise RtxPolicyError(f"refusing to send {command!r}: {exc.detail}") from None
-    if isinstance(parsed, IpRoute):
-        for gateway in parsed.gateways:
-            validate_gateway(gateway.gateway)
     if canonical != command:
         raise RtxPolicyError(f"refusing to send {command!r}: not in canonical form {canonical!r}")
     return command

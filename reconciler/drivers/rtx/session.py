@@ -21,6 +21,7 @@ import logging
 import re
 import select
 import time
+import unicodedata
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, NoReturn
@@ -78,6 +79,25 @@ class _RejectUnknownHost(paramiko.RejectPolicy):
         )
 
 
+# Unicode categories that must never be typed into the CLI as part of a password: control
+# characters (CR, LF, backspace, DEL, Ctrl-C...), format characters, line and paragraph
+# separators, and lone surrogates (undecodable bytes of a secret file).
+_UNTYPABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def check_typed_secret(secret: str | None, what: str, where: str) -> None:
+    """Refuse a password with a control character before anything is sent: typed into the
+    CLI, a line break would end the password and run the rest as administrator commands.
+    The message never shows the password (nor the offending character's position)."""
+    if secret is None:
+        return
+    if any(unicodedata.category(char) in _UNTYPABLE for char in secret):
+        raise RtxAuthError(
+            f"the {what} for {where} contains a control character (a line break, tab, "
+            "backspace, ...): refusing to send it; correct the secret"
+        )
+
+
 @dataclass(frozen=True)
 class Reply:
     """What came back after a command: the cleaned output and the prompt that ended it."""
@@ -117,6 +137,7 @@ class RtxSession:
         self.host = host
         self.port = port
         self.username = username
+        check_typed_secret(password, "login password", f"the router at {host}:{port}")
         self._password = password
         self._known_hosts = known_hosts
         self.timeout = timeout
@@ -316,6 +337,9 @@ class RtxSession:
         return self.run("show config")
 
     def enter_administrator(self, password: str) -> None:
+        check_typed_secret(
+            password, "administrator password", f"the router at {self.host}:{self.port}"
+        )
         log.debug("rtx %s:%d > administrator (password hidden)", self.host, self.port)
         self._send("administrator\r")
         reply = self._read_until(("password", "prompt"), echo="administrator")
