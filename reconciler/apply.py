@@ -16,7 +16,7 @@ from reconciler.context import Context, Instructor
 from reconciler.diff import diff
 from reconciler.journal import Journal
 from reconciler.load import LoadedState
-from reconciler.observe import JournalView, world_checksum
+from reconciler.observe import JournalView, observations_to_record, world_checksum
 from reconciler.plan import Plan, Status, make_plan, no_gc_pauses
 from reconciler.safety import check_transition
 from reconciler.steps import SetMxTtl, Step
@@ -55,6 +55,14 @@ class ApplyReport:
         return any(o.result == "failed" for o in self.outcomes)
 
 
+def context_for(loaded: LoadedState, view: JournalView, instructor: Instructor | None = None,
+                *, allow_bulk: bool = False) -> Context:
+    """The planner's context: the state, plus what the journal remembers."""
+    return Context.of(loaded.state, allow_bulk=allow_bulk, acked=view.acked,
+                      instructor=instructor or (lambda kind, action, target: None),
+                      router_filters=view.router_filters, egress_ips=view.egress_ips)
+
+
 def build_plan(
     loaded: LoadedState,
     world: World,
@@ -63,8 +71,7 @@ def build_plan(
     *,
     allow_bulk: bool = False,
 ) -> Plan:
-    ctx = Context.of(loaded.state, allow_bulk=allow_bulk, acked=view.acked, instructor=instructor,
-                     router_filters=view.router_filters)
+    ctx = context_for(loaded, view, instructor, allow_bulk=allow_bulk)
     with no_gc_pauses():
         steps = diff(loaded.state, world, ctx)
         return make_plan(
@@ -90,13 +97,14 @@ def observe_and_plan(
     return world, build_plan(loaded, world, view, backend.instructor(), allow_bulk=allow_bulk)
 
 
-def _note_manual_ttl(journal: Journal, world: World, ctx: Context, now: datetime) -> bool:
-    """Start the MR004 clock for a TTL someone lowered by hand (the gate waits for this)."""
-    if world.dns.mx_ttl <= ctx.cutover_ttl and world.history.mx_ttl_lowered_at is None:
-        journal.record(now, "apply", "dns/mx-ttl", "ok",
-                       detail={"lowering": True, "observed": True, "ttl": world.dns.mx_ttl})
-        return True
-    return False
+def record_observations(journal: Journal, world: World, view: JournalView,
+                        loaded: LoadedState, now: datetime) -> bool:
+    """Write what this apply saw that the gates count from (see
+    `observe.observations_to_record`); True if anything was written."""
+    notes = observations_to_record(world, view, loaded.state, loaded.state.dns.cutover_ttl)
+    for step, detail in notes:
+        journal.record(now, "observe", step, "noted", source=loaded.digest, detail=detail)
+    return bool(notes)
 
 
 def reconcile(
@@ -112,12 +120,13 @@ def reconcile(
     """One reconcile: apply the ready steps of a fresh plan (or of `saved`, if still valid)."""
     with journal.lock():
         now = clock()
-        world, plan = observe_and_plan(loaded, backend, journal, now, allow_bulk=allow_bulk)
-        ctx = Context.of(loaded.state, allow_bulk=allow_bulk)
-        if world.dns.mx_hosts != (ctx.mx_host(loaded.state.dns.mx),) and _note_manual_ttl(
-            journal, world, ctx, now
-        ):
-            world, plan = observe_and_plan(loaded, backend, journal, now, allow_bulk=allow_bulk)
+        view = JournalView.read(journal)
+        world = backend.observe(now, view)
+        if record_observations(journal, world, view, loaded, now):
+            view = JournalView.read(journal)
+            world = backend.observe(now, view)
+        plan = build_plan(loaded, world, view, backend.instructor(), allow_bulk=allow_bulk)
+        ctx = context_for(loaded, view, allow_bulk=allow_bulk)
         ready = plan.by_status(Status.READY)
         if saved is not None:
             if saved.get("checksum") != plan.checksum:

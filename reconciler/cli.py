@@ -15,13 +15,13 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from reconciler import clock
-from reconciler.apply import StalePlanError, observe_and_plan, reconcile
-from reconciler.context import Context
+from reconciler.apply import StalePlanError, context_for, observe_and_plan, reconcile
 from reconciler.findings import RULES
 from reconciler.journal import Journal, LockedError
 from reconciler.lab.layout import LabLayout
 from reconciler.load import LoadedState, StateError, load_from_git, load_state
 from reconciler.model import DesiredState
+from reconciler.observe import JournalView
 from reconciler.plan import Status
 from reconciler.render import (
     render_json,
@@ -93,12 +93,25 @@ def _backend(loaded: LoadedState, lab: LabLayout | None) -> Any:
         fail(str(exc))
 
 
-def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = False) -> Any:
-    backend = _backend(loaded, lab)
+def _clock(lab: LabLayout | None) -> clock.Clock:
+    """The clock time gates are judged by: MAILREC_NOW only in a lab or with the explicit
+    --clock-override (which says so on stderr), else the real time."""
+    override = lab is not None or bool(click.get_current_context().find_root().meta.get(
+        "clock_override"))
+    fixed = clock.overridden()
+    if fixed and override and lab is None:
+        click.echo(f"warning: --clock-override: time gates are judged at MAILREC_NOW={fixed}, "
+                   "not the real time", err=True)
     try:
-        now = clock.now()
+        clock.now(override=override)  # fail now, before anything is observed or changed
     except clock.ClockError as exc:
         fail(str(exc))
+    return clock.for_run(override)
+
+
+def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = False) -> Any:
+    now = _clock(lab)()
+    backend = _backend(loaded, lab)
     journal = Journal.existing(_journal_dir(loaded, lab))  # a dry run writes nothing
     try:
         return observe_and_plan(loaded, backend, journal, now, allow_bulk=allow_bulk)
@@ -111,12 +124,45 @@ def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = F
 
 
 def _emit(text: str, out: Path | None) -> None:
+    """Print, or write `out` atomically: a temporary file created exclusively (O_EXCL, an
+    unpredictable name, mode 0600) in out's directory, fsynced, then renamed over out. A
+    symlink planted at out or at any name is replaced, never followed."""
     if out is None:
         click.echo(text, nl=False)
         return
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    import tempfile
+
+    directory = out.parent
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a plan holds no secret: the mode a new file gets
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def _color() -> bool:
@@ -125,9 +171,14 @@ def _color() -> bool:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mailrec")
-def cli() -> None:
+@click.option("--clock-override", is_flag=True,
+              help="Let MAILREC_NOW set the time gates' clock outside a lab (prints a warning; "
+                   "for rehearsals, never for production).")
+@click.pass_context
+def cli(ctx: click.Context, clock_override: bool) -> None:
     """mailrec: move mail from onprem Postfix to a rental service one user at a time,
     without losing or bouncing mail."""
+    ctx.meta["clock_override"] = clock_override
 
 
 @cli.command()
@@ -135,7 +186,7 @@ def cli() -> None:
 def validate(state_path: Path | None, lab_dir: Path | None) -> None:
     """Check the state file: schema, then static findings (MR012). Exit 0, 1 or 3."""
     loaded, _ = _load(state_path, lab_dir)
-    findings = static_findings(loaded.state)
+    findings = static_findings(loaded.state, locate=loaded.locate)
     for finding in findings:
         click.echo(finding.text(), err=True)
     if findings:
@@ -217,10 +268,11 @@ def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None,
             fail(f"{plan_file}: not a plan file ({exc})")
         if not isinstance(saved, dict) or saved.get("format_version") != 1:
             fail(f"{plan_file}: not a mailrec plan (format_version 1 expected)")
+    run_clock = _clock(lab)
     backend = _backend(loaded, lab)
     journal = _journal(loaded, lab)
     if not yes and saved is None:
-        _, preview = observe_and_plan(loaded, backend, journal, clock.now(),
+        _, preview = observe_and_plan(loaded, backend, journal, run_clock(),
                                       allow_bulk=allow_bulk)
         click.echo(render_text(preview, color=_color()), nl=False)
         if not preview.by_status(Status.READY):
@@ -235,7 +287,7 @@ def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None,
             click.echo(f"applied {step_id}")
 
     try:
-        report = reconcile(loaded, backend, journal, clock.now, allow_bulk=allow_bulk,
+        report = reconcile(loaded, backend, journal, run_clock, allow_bulk=allow_bulk,
                            saved=saved, progress=progress)
     except StalePlanError as exc:
         fail(str(exc))
@@ -285,8 +337,27 @@ def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
 def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) -> None:
     """A person confirms a manual step (e.g. outbound/suga: the mail client was changed)."""
     loaded, lab = _load(state_path, lab_dir)
+    run_clock = _clock(lab)
+    backend = _backend(loaded, lab)
+    journal = _journal(loaded, lab)
+    try:
+        # Under the apply lock: no apply may change the world between the check and the record.
+        with journal.lock():
+            _record_ack(loaded, backend, journal, run_clock, step_id, note)
+    except LockedError as exc:
+        fail(str(exc))
+    except (OSError, RuntimeError, ValueError) as exc:
+        fail(f"cannot observe: {exc}")
+    finally:
+        backend.close()
+        journal.close()
+
+
+def _record_ack(loaded: LoadedState, backend: Any, journal: Journal, run_clock: clock.Clock,
+                step_id: str, note: str) -> None:
+    view = JournalView.read(journal)
     # One person confirming one change is never a bulk move (MR011 guards automated moves).
-    world, the_plan = _observe(loaded, lab, allow_bulk=True)
+    world, the_plan = observe_and_plan(loaded, backend, journal, run_clock(), allow_bulk=True)
     planned = the_plan.get(step_id)
     if planned is None:
         kind, _, name = step_id.partition("/")
@@ -306,7 +377,7 @@ def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) 
         fail(f"{step_id} does not wait for a person ({planned.status})")
     # The plan assumes its ready steps ran first; the person's change happens in the world
     # as it is now, so it must be safe there.
-    ctx = Context.of(loaded.state, allow_bulk=True)
+    ctx = context_for(loaded, view, allow_bulk=True)
     found = check_transition(world, planned.step.simulate(world), planned.step, ctx)
     if found:
         for finding in found:
@@ -314,12 +385,8 @@ def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) 
         click.echo(f"refused: {step_id} is not safe yet; apply the ready steps first",
                    err=True)
         sys.exit(EXIT_REFUSED)
-    journal = _journal(loaded, lab)
-    try:
-        detail: dict[str, object] = {"note": note, **planned.step.data()}
-        journal.record(clock.now(), "ack", step_id, "noted", source=loaded.digest, detail=detail)
-    finally:
-        journal.close()
+    detail: dict[str, object] = {"note": note, **planned.step.data()}
+    journal.record(run_clock(), "ack", step_id, "noted", source=loaded.digest, detail=detail)
     click.echo(f"acknowledged {step_id}")
 
 
@@ -358,9 +425,12 @@ def daemon(repo: str | None, branch: str, interval: float, subpath: str, lab_dir
     """Reconcile continuously from a git repo (or ./state), on change and every INTERVAL."""
     from reconciler.daemon import Daemon
 
-    runner = Daemon(repo=repo, branch=branch, subpath=subpath, interval=interval,
-                    lab=LabLayout(lab_dir.resolve()) if lab_dir else None,
-                    metrics_port=metrics_port, allow_bulk=allow_bulk)
+    lab = LabLayout(lab_dir.resolve()) if lab_dir else None
+    _clock(lab)  # refuses a MAILREC_NOW it may not use before the first round
+    runner = Daemon(repo=repo, branch=branch, subpath=subpath, interval=interval, lab=lab,
+                    metrics_port=metrics_port, allow_bulk=allow_bulk,
+                    clock_override=bool(click.get_current_context().find_root().meta.get(
+                        "clock_override")))
     sys.exit(runner.run(once=once))
 
 
@@ -375,7 +445,9 @@ def lab() -> None:
               help="Make the lab's actual state equal this state (default: before migration).")
 @click.option("--state", "state_path", type=click.Path(path_type=Path), default=None,
               help="The company to build (default: ./state).")
-@click.option("--force", is_flag=True, help="Replace an existing lab.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing lab (only a directory `lab init` made; never "
+                   "deletes anything else).")
 def lab_init(directory: Path, from_state: Path | None, state_path: Path | None,
              force: bool) -> None:
     """Create a lab in DIRECTORY."""

@@ -6,11 +6,12 @@ Built once per plan from the `DesiredState`; small, immutable and cheap to pass 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from reconciler.model import DesiredState
+from reconciler.world import Outbound
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -24,6 +25,11 @@ def _automated(kind: str, action: str, target: str) -> str | None:
 
 def spf_ip_term(address: IpAddress) -> str:
     return f"ip{address.version}:{address}"
+
+
+# What the MX gate assumes resolvers may cache the old MX for when no record says what its
+# TTL was before it was lowered (docs/guarantees.md): one day, or longer if the zone says so.
+UNKNOWN_OLD_TTL = 86400
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,12 @@ class Context:
     acked: frozenset[str] = frozenset()  # step ids a person has confirmed (from the journal)
     # Router filters mailrec itself created (journal): only these may be removed again.
     router_filters: frozenset[int] = frozenset()
+    # The public address each router gateway sends from: the state's smtp_route, plus what
+    # the journal recorded for gateways mailrec routed through before (MR005 judges the
+    # gateway tcp/25 really leaves through, not only the one the state names).
+    egress_ips: Mapping[str, IpAddress] = field(default_factory=dict)
+    whitelist_min_prefix_v4: int = 24
+    whitelist_min_prefix_v6: int = 48
     instructor: Instructor = field(default=_automated, compare=False)
 
     @staticmethod
@@ -58,8 +70,13 @@ class Context:
         acked: frozenset[str] = frozenset(),
         instructor: Instructor = _automated,
         router_filters: frozenset[int] = frozenset(),
+        egress_ips: Mapping[str, IpAddress] | None = None,
     ) -> Context:
         route = state.router.smtp_route if state.router else None
+        known = dict(egress_ips or {})
+        if route is not None:
+            known[route.gateway] = route.egress_ip  # the state wins over an older record
+        policy = state.policy
         return Context(
             domain=state.domain,
             onprem_mx=state.onprem.mx_host,
@@ -80,7 +97,19 @@ class Context:
             acked=acked,
             instructor=instructor,
             router_filters=router_filters,
+            egress_ips=known,
+            whitelist_min_prefix_v4=policy.whitelist_min_prefix_v4,
+            whitelist_min_prefix_v6=policy.whitelist_min_prefix_v6,
         )
+
+    @property
+    def outbound_mode(self) -> Outbound:
+        """How a user sending via the rental is set up: port 25 without AUTH through the
+        router's whitelisted line when the state has a policy route, else submission+AUTH."""
+        return Outbound.RELAY if self.egress_ip is not None else Outbound.SUBMISSION
+
+    def outbound_for(self, side: str) -> Outbound:
+        return Outbound.ONPREM if side == "onprem" else self.outbound_mode
 
     def mx_host(self, side: str) -> str:
         return self.rental_mx if side == "rental" else self.onprem_mx

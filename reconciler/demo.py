@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,7 @@ class Demo:
     def mailrec(self, *args: str, expect: int | None = None) -> int:
         env = {**os.environ, "MAILREC_LAB": str(self.lab), "MAILREC_NOW": self.now.isoformat(),
                "NO_COLOR": "1"}
-        shown = " ".join(args)
+        shown = shlex.join(args)  # a line that can be pasted into a shell as it is
         print(f"$ mailrec {shown}", flush=True)
         result = subprocess.run([sys.executable, "-m", "reconciler", *args], env=env,
                                 text=True, capture_output=True, check=False)
@@ -97,6 +98,12 @@ class Demo:
         for sub in ("new", "cur", "tmp"):
             (self.layout.rental_maildirs / name / sub).mkdir(parents=True, exist_ok=True)
         print(f"# the admin creates {name}@{domain} in the rental's control panel")
+
+    def panel_whitelist(self, network: str) -> None:
+        """What the admin does in the rental's control panel: the no-AUTH relay whitelist."""
+        with self.layout.rental_whitelist.open("a") as handle:
+            handle.write(f"{network}\n")
+        print(f"# the admin adds {network} to the rental's relay whitelist in the control panel")
 
     def later(self, delta: timedelta, why: str) -> None:
         self.now += delta
@@ -158,6 +165,12 @@ class Demo:
         self.set_key("rental", "whitelist", "[203.0.113.8/29]")
         for name in users:
             self.set_user(name, outbound="rental")
+        self.mailrec("apply", "--yes", "--allow-bulk", expect=2)
+        self.say("The whitelist is a panel setting: mailrec checks it with a relay probe from the "
+                 "office, which the router now sends out through 203.0.113.9")
+        self.panel_whitelist("203.0.113.8/29")
+        self.mailrec("ack", "whitelist/203.0.113.8/29", "--note", "added in the panel",
+                     expect=0)
         self.mailrec("apply", "--yes", "--allow-bulk", expect=2)
         self.say("Each person changes the mail client; the admin records it")
         for name in users:

@@ -8,8 +8,10 @@ order is the planner's job.
 
 from __future__ import annotations
 
+from collections.abc import Set
+
 from reconciler.context import Context
-from reconciler.model import DesiredState, Side
+from reconciler.model import DesiredState, Side, SmtpRoute
 from reconciler.steps import (
     ChangeWhitelist,
     CreateMailbox,
@@ -25,7 +27,7 @@ from reconciler.steps import (
     SetSpf,
     Step,
 )
-from reconciler.world import World
+from reconciler.world import RouteEntries, World
 
 ALL_TERMS = ("-all", "~all", "?all", "+all", "all")
 
@@ -48,15 +50,15 @@ def _user_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]:
         if want.inbound is Side.RENTAL:
             if not have.rental_mailbox:
                 steps.append(CreateMailbox(name))
-            if have.route is not Side.RENTAL or not have.onprem_accepts:
+            if have.route is not Side.RENTAL or have.route_drift or not have.onprem_accepts:
                 steps.append(MoveInbound(name, Side.RENTAL))
             if have.onprem_account and ctx.remove_drained_accounts:
                 steps.append(RemoveOnpremMailbox(name, have.onprem_messages))
         elif have.route is Side.RENTAL:
             steps.append(MoveInbound(name, Side.ONPREM))
-        current_outbound = have.outbound or Side.ONPREM
-        if want.outbound is not current_outbound:
-            steps.append(MoveOutbound(name, want.outbound))
+        outbound = ctx.outbound_for(want.outbound)
+        if have.outbound is not outbound:
+            steps.append(MoveOutbound(name, outbound))
     return steps
 
 
@@ -87,7 +89,7 @@ def _spf_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]:
         u.outbound is Side.ONPREM for u in users
     )
     needs_onprem = not retiring and (
-        any(u.outbound is Side.ONPREM for u in users) or world.counts.outbound_onprem > 0
+        any(u.outbound is Side.ONPREM for u in users) or world.counts.may_send_onprem > 0
     )
     added = list(current)
     if needs_rental and ctx.rental_spf_term not in added:
@@ -109,10 +111,9 @@ def _mx_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]:
     dns = world.dns
     steps: list[Step] = []
     if dns.mx_hosts != (host,):
-        old_ttl = max(dns.mx_ttl, ctx.ttl)
         if dns.mx_ttl > ctx.cutover_ttl:
             steps.append(SetMxTtl(dns.mx_ttl, ctx.cutover_ttl))
-        steps.append(MoveMx(want, host, ctx.ttl, old_ttl))
+        steps.append(MoveMx(want, host, ctx.ttl))
     elif dns.mx_ttl != ctx.ttl:
         steps.append(SetMxTtl(dns.mx_ttl, ctx.ttl))
     return steps
@@ -135,24 +136,57 @@ def _router_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]
     if state.router is None or router is None:
         return []
     route = state.router.smtp_route
-    # Filters mailrec created before and no longer wants (renumbered, or policy removed).
+    # Filters mailrec created before and no longer wants (renumbered, or policy removed);
+    # only the journal says which filters are mailrec's.
     stale = sorted((ctx.router_filters & router.filters) - ({route.filter} if route else set()))
     steps: list[Step] = []
-    desired: tuple[tuple[str, tuple[int, ...]], ...] | None
-    if route is not None:
-        if route.filter not in router.filters:
-            steps.append(SetRouterFilter(route.filter, True, smtp_filter_line(route.filter)))
-        desired = ((route.gateway, (route.filter,)), (route.otherwise, ()))
-    elif stale and router.default_route is not None:
-        # The policy is gone: keep the route's gateways that select none of mailrec's filters.
-        desired = tuple(
-            (gateway, filters) for gateway, filters in router.default_route
-            if not set(filters) & set(stale)
-        )
-    else:
-        desired = router.default_route
-    if desired and router.default_route != desired:
-        steps.append(SetDefaultRoute(router.default_route, desired))
+    if route is not None and route.filter not in router.filters:
+        steps.append(SetRouterFilter(route.filter, True, smtp_filter_line(route.filter)))
+    current = router.default_route
+    if current is not None:
+        # mailrec's own entries select one of its filters that is still its unchanged smtp
+        # pass; a number whose line someone changed belongs to them now (MR014).
+        owned = (ctx.router_filters & router.filters) | (
+            {route.filter} if route and route.filter not in router.other_filters else set())
+        desired = desired_route(current, route, owned)
+        if desired != current:
+            egress = (route.gateway, str(route.egress_ip)) if route else None
+            steps.append(SetDefaultRoute(current, desired, egress))
     # Removed only after no route references them (rank CLEANUP; MR009 checks it).
     steps.extend(SetRouterFilter(n, False, smtp_filter_line(n)) for n in stale)
     return steps
+
+
+def desired_route(current: RouteEntries, route: SmtpRoute | None,
+                  owned: Set[int]) -> RouteEntries:
+    """The default route with mailrec's own entry set and nothing else changed.
+
+    mailrec's entries are those selecting exactly one of the `owned` filters (the state's
+    number, or one the journal says mailrec created, while still its smtp pass). Every other
+    entry, the admin's, keeps its place.
+    mailrec's entry keeps its place if it had one, else goes before the first unfiltered
+    gateway (after the admin's filtered entries, which keep their precedence: if one of
+    them catches tcp/25 first, safety refuses the route and names it). The first unfiltered
+    gateway becomes `otherwise` unless `otherwise` is one of them already. Without a route
+    in the state, mailrec's entries are dropped.
+    """
+    mine = set(owned)
+    entries: list[tuple[str, tuple[int, ...]]] = []
+    at: int | None = None
+    for gateway, filters in current:
+        if len(filters) == 1 and filters[0] in mine:
+            at = len(entries) if at is None else at
+            continue
+        entries.append((gateway, filters))
+    if route is None:
+        return tuple(entries)
+    unfiltered = [i for i, (_, filters) in enumerate(entries) if not filters]
+    if not any(entries[i][0] == route.otherwise for i in unfiltered):
+        if unfiltered:
+            entries[unfiltered[0]] = (route.otherwise, ())
+        else:
+            entries.append((route.otherwise, ()))
+    first_unfiltered = next(i for i, (_, filters) in enumerate(entries) if not filters)
+    where = first_unfiltered if at is None else min(at, first_unfiltered)
+    entries.insert(where, (route.gateway, (route.filter,)))
+    return tuple(entries)

@@ -2,76 +2,131 @@
 
 The drivers know their systems; this module knows only their normalised facts, so the same
 code builds the world from the lab, from real hosts, or from generated facts in tests.
+
+What the journal cannot say is never guessed in the safe direction: an outbound setting no
+ack records is UNKNOWN (possibly either side), a lowering or an MX move with no record has no
+time (its gate then waits from the first observation), and a TTL before the lowering that was
+never recorded is unknown (the gate assumes the worst). See docs/guarantees.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from reconciler.drivers.dns import DnsRecords
-from reconciler.drivers.postfix import PostfixFacts
+from reconciler.drivers.postfix import PostfixFacts, relay_target
 from reconciler.drivers.rental.base import RentalSnapshot
 from reconciler.journal import Journal
 from reconciler.model import DesiredState, Side
 from reconciler.world import (
     DnsFacts,
     History,
+    IpAddress,
     OnpremFacts,
+    Outbound,
     RentalFacts,
     RouterFacts,
     UserFacts,
     World,
 )
 
+# Observations an apply writes to the journal (kind "observe"), for the gates to count from:
+BASELINE = "mailrec/baseline"  # the first apply saw no migration: everyone sent via onprem
+# step "dns/mx", detail {"seen": [hosts], "rental": bool}: the MX seen somewhere new
+# step "dns/mx-ttl", detail {"lowering": true, "observed": true}: a lowering no apply made
+# step "dns/mx-ttl", detail {"seen_ttl": N}: the MX TTL seen while not lowered
+
+_LEGACY_OUTBOUND = {"rental": Outbound.RELAY}  # acks written before the mode was recorded
+
 
 @dataclass(frozen=True)
 class JournalView:
-    outbound: dict[str, Side]
+    outbound: dict[str, Outbound]
     mx_ttl_lowered_at: datetime | None
     mx_moved_at: datetime | None
     acked: frozenset[str]
     router_filters: frozenset[int] = frozenset()
+    mx_old_ttl: int | None = None
+    egress_ips: dict[str, IpAddress] = field(default_factory=dict)
+    baseline: bool = False  # the journal saw the world before any migration step
 
     @staticmethod
     def read(journal: Journal | None) -> JournalView:
         if journal is None:
             return JournalView({}, None, None, frozenset())
-        outbound: dict[str, Side] = {}
+        events = journal.events()
+        outbound: dict[str, Outbound] = {}
         acked: set[str] = set()
-        for event in journal.events(kind="ack"):
-            if not event.step:
-                continue
-            acked.add(event.step)
-            kind, _, user = event.step.partition("/")
-            to = event.detail.get("to")
-            if kind == "outbound" and to in ("onprem", "rental"):
-                outbound[user] = Side(str(to))
-        lowered = None
-        for event in journal.events(step="dns/mx-ttl"):
-            if event.result == "ok" and event.detail.get("lowering"):
-                lowered = event.at
-        # An ack is spent once the change it confirmed was observed (recorded by `apply`): if
-        # the same change is needed again later, a person must be asked again.
-        for step_id in list(acked):
-            live = False
-            for event in journal.events(step=step_id):  # in the order they were recorded
-                if event.kind == "ack":
-                    live = True
-                elif event.kind == "observe" and event.detail.get("ack_spent"):
-                    live = False
-            if not live:
-                acked.discard(step_id)
-        moved = journal.last("dns/mx")
+        live: dict[str, bool] = {}
+        lowered: datetime | None = None
+        old_ttl: int | None = None
+        moved: datetime | None = None
         created: set[int] = set()
-        for event in journal.events(kind="apply"):
-            if event.result == "ok" and event.step and event.step.startswith("router/filter/"):
-                number = event.detail.get("filter")
-                if isinstance(number, int):
-                    (created.add if event.detail.get("present") else created.discard)(number)
-        return JournalView(outbound, lowered, moved.at if moved else None, frozenset(acked),
-                           frozenset(created))
+        egress: dict[str, IpAddress] = {}
+        baseline = False
+        for event in events:  # in the order they were recorded
+            step, detail = event.step or "", event.detail
+            if event.kind == "ack" and step:
+                acked.add(step)
+                live[step] = True
+                kind, _, user = step.partition("/")
+                to = str(detail.get("to", ""))
+                if kind == "outbound" and to:
+                    mode = _LEGACY_OUTBOUND.get(to)
+                    outbound[user] = mode or (Outbound(to) if to in Outbound._value2member_map_
+                                              else Outbound.UNKNOWN)
+            elif event.kind == "observe":
+                if detail.get("ack_spent"):
+                    # An ack is spent once the change it confirmed was observed: if the same
+                    # change is needed again later, a person must be asked again.
+                    live[step] = False
+                if step == BASELINE:
+                    baseline = True
+                elif step == "dns/mx" and "seen" in detail:
+                    moved = event.at if detail.get("rental") else None
+                elif step == "dns/mx-ttl" and detail.get("lowering"):
+                    lowered = event.at
+                elif step == "dns/mx-ttl" and isinstance(seen := detail.get("seen_ttl"), int):
+                    old_ttl = max(old_ttl or 0, seen)
+                    lowered = None  # high again: a later lowering starts a new clock
+            elif event.kind == "apply" and event.result == "ok":
+                if step == "dns/mx-ttl":
+                    if detail.get("lowering"):
+                        lowered = event.at
+                        before = detail.get("before")
+                        if isinstance(before, int):
+                            old_ttl = max(old_ttl or 0, before)
+                    else:
+                        lowered = None  # restored: a later lowering starts a new clock
+                elif step == "dns/mx":
+                    moved = event.at if detail.get("to") == "rental" else None
+                elif step.startswith("router/filter/"):
+                    number = detail.get("filter")
+                    if isinstance(number, int):
+                        (created.add if detail.get("present") else created.discard)(number)
+                elif step == "router/route/default":
+                    recorded = detail.get("egress")
+                    # An unreadable record leaves that gateway unknown (MR005 then refuses).
+                    if isinstance(recorded, dict):
+                        with contextlib.suppress(KeyError, ValueError):
+                            egress[str(recorded["gateway"])] = ipaddress.ip_address(
+                                str(recorded["address"]))
+        return JournalView(
+            outbound, lowered, moved, frozenset(s for s in acked if live.get(s)),
+            frozenset(created), old_ttl, egress, baseline,
+        )
+
+
+def migration_started(postfix: PostfixFacts, dns: DnsRecords, state: DesiredState) -> bool:
+    """Whether the world shows any sign that the migration began: someone routed to the
+    rental, the MX at the rental, or SPF authorising it. Before that, everyone sends through
+    onprem (mailrec's premise); after it, an outbound setting no ack records is unknown."""
+    return (bool(postfix.transport) or dns.mx_hosts == (state.rental.mx_host,)
+            or state.rental.spf in dns.spf_terms)
 
 
 def build_world(
@@ -85,24 +140,31 @@ def build_world(
     now: datetime,
 ) -> World:
     names = (
-        set(postfix.accounts) | postfix.transport | postfix.recipients | set(rental.mailboxes)
-        | set(journal.outbound) | set(state.users)
+        set(postfix.accounts) | set(postfix.transport) | set(postfix.recipients)
+        | set(rental.mailboxes) | set(journal.outbound) | set(state.users)
     )
+    assume_onprem = journal.baseline or not migration_started(postfix, dns, state)
+    expected_route = relay_target(state.rental.smtp_host, state.rental.relay_port)
     users: list[tuple[str, UserFacts]] = []
     for name in names:
         account = name in postfix.accounts
-        known = account or name in state.users
+        outbound = journal.outbound.get(name)
+        if outbound is None:
+            outbound = Outbound.ONPREM if assume_onprem and (
+                account or name in state.users) else Outbound.UNKNOWN
+        target = postfix.transport.get(name)
         users.append(
             (
                 name,
                 UserFacts(
                     onprem_account=account,
                     onprem_messages=postfix.accounts.get(name, 0),
-                    route=Side.RENTAL if name in postfix.transport else Side.ONPREM,
-                    relay_recipient=name in postfix.recipients,
+                    route=Side.RENTAL if target is not None else Side.ONPREM,
+                    relay_recipient=postfix.recipients.get(name, "").upper() == "OK",
                     rental_mailbox=name in rental.mailboxes,
                     rental_messages=rental.mailboxes.get(name),
-                    outbound=journal.outbound.get(name, Side.ONPREM if known else None),
+                    outbound=outbound,
+                    route_drift=target is not None and target != expected_route,
                 ),
             )
         )
@@ -117,7 +179,11 @@ def build_world(
             retired=postfix.retired,
         ),
         rental=RentalFacts(
-            domain_accepted=rental.domain_accepted, whitelist=frozenset(rental.whitelist)
+            domain_accepted=rental.domain_accepted,
+            whitelist=frozenset(rental.whitelist),
+            whitelist_verified=rental.whitelist_verified,
+            relay_checks=rental.relay_checks,
+            notes=rental.notes,
         ),
         dns=DnsFacts(
             mx=mx_side,
@@ -126,11 +192,41 @@ def build_world(
             spf_terms=dns.spf_terms,
             spf_ttl=dns.spf_ttl,
             soa_serial=dns.soa_serial,
+            spf_records=dns.spf_records,
+            zone_ttl=dns.zone_ttl,
         ),
         router=router,
-        history=History(journal.mx_ttl_lowered_at, journal.mx_moved_at),
+        history=History(journal.mx_ttl_lowered_at, journal.mx_moved_at, journal.mx_old_ttl),
         now=now,
     )
+
+
+def observations_to_record(world: World, view: JournalView, state: DesiredState,
+                           cutover_ttl: int) -> list[tuple[str, dict[str, object]]]:
+    """What an apply writes to the journal about the world it saw (kind "observe"), so the
+    gates can count from it later: the baseline (no migration yet), the MX TTL while not
+    lowered (and that it is high again), the first sight of a lowering or an MX move no
+    apply of mailrec's recorded."""
+    notes: list[tuple[str, dict[str, object]]] = []
+    dns = world.dns
+    if (not view.baseline and world.counts.unknown_outbound == 0
+            and not migration_started_in(world, state)):
+        notes.append((BASELINE, {"users": world.counts.total}))
+    if dns.mx_ttl > cutover_ttl and (
+            view.mx_ttl_lowered_at is not None or dns.mx_ttl > (view.mx_old_ttl or 0)):
+        notes.append(("dns/mx-ttl", {"seen_ttl": dns.mx_ttl}))
+    elif dns.mx_ttl <= cutover_ttl and view.mx_ttl_lowered_at is None:
+        notes.append(("dns/mx-ttl", {"lowering": True, "observed": True, "ttl": dns.mx_ttl}))
+    at_rental = dns.mx is Side.RENTAL
+    if at_rental != (view.mx_moved_at is not None):
+        notes.append(("dns/mx", {"seen": list(dns.mx_hosts), "rental": at_rental}))
+    return notes
+
+
+def migration_started_in(world: World, state: DesiredState) -> bool:
+    """`migration_started`, asked of a built world."""
+    return (world.counts.route_rental > 0 or world.dns.mx is Side.RENTAL
+            or state.rental.spf in world.dns.spf_terms)
 
 
 def world_checksum(world: World, state_digest: str = "") -> str:
@@ -142,13 +238,16 @@ def world_checksum(world: World, state_digest: str = "") -> str:
         facts = users[name]
         digest.update(
             f"{name}|{facts.onprem_account}|{facts.onprem_messages}|{facts.route}|"
-            f"{facts.relay_recipient}|{facts.rental_mailbox}|{facts.outbound}\n".encode()
+            f"{facts.route_drift}|{facts.relay_recipient}|{facts.rental_mailbox}|"
+            f"{facts.outbound}\n".encode()
         )
-    whitelist = sorted(map(str, world.rental.whitelist))
+    rental = world.rental
+    whitelist = sorted(map(str, rental.whitelist))
     digest.update(
         repr((world.onprem.recipient_validation, world.onprem.retired,
-              world.rental.domain_accepted, whitelist, world.dns.mx_hosts, world.dns.mx_ttl,
-              world.dns.spf_terms, world.dns.soa_serial, world.router)).encode()
+              rental.domain_accepted, whitelist, rental.whitelist_verified,
+              sorted((str(a), r) for a, r in rental.relay_checks),
+              world.dns.mx_hosts, world.dns.mx_ttl, world.dns.spf_terms, world.dns.soa_serial,
+              world.dns.spf_records, world.router)).encode()
     )
     return digest.hexdigest()[:32]
-

@@ -25,7 +25,7 @@ from reconciler.model import DesiredState, Side
 from reconciler.safety import check_transition, check_world
 from reconciler.static import static_findings
 from reconciler.steps import MoveInbound, MoveOutbound, Step
-from reconciler.world import World
+from reconciler.world import Outbound, World
 
 
 class Status(StrEnum):
@@ -58,6 +58,8 @@ class Plan:
     checksum: str = ""
     source: str = ""
     drift: tuple[Finding, ...] = ()  # invariants the observed world breaks already
+    # Facts safety needed but could not verify; each counts as false (docs/guarantees.md).
+    unverified: tuple[str, ...] = ()
 
     @property
     def in_sync(self) -> bool:
@@ -117,8 +119,17 @@ def _run_pass(world: World, steps: Sequence[Step], ctx: Context, honour_gates: b
     return result
 
 
-def _bulk_findings(state: DesiredState, steps: Iterable[Step], ctx: Context) -> Finding | None:
-    moved = sorted({s.users[0] for s in steps if isinstance(s, MoveInbound | MoveOutbound)})
+def _moves(step: Step, world: World) -> bool:
+    """Whether a step moves a user's mail (MR011 counts these). Confirming an outbound
+    setting no record knows moves nobody."""
+    if isinstance(step, MoveOutbound):
+        return world.user(step.user).outbound is not Outbound.UNKNOWN
+    return isinstance(step, MoveInbound)
+
+
+def _bulk_findings(state: DesiredState, world: World, steps: Iterable[Step],
+                   ctx: Context) -> Finding | None:
+    moved = sorted({s.users[0] for s in steps if _moves(s, world)})
     total = max(len(state.users), 1)
     allowed = max(1, total * ctx.max_change_pct // 100)
     if len(moved) <= allowed or ctx.allow_bulk:
@@ -197,11 +208,11 @@ def _make_plan(
     plan_findings.extend(drift)
 
     refused: dict[str, list[Finding]] = {}
-    bulk = _bulk_findings(state, ordered, ctx)
+    bulk = _bulk_findings(state, world, ordered, ctx)
     if bulk is not None:
         plan_findings.append(bulk)
         for step in ordered:
-            if isinstance(step, MoveInbound | MoveOutbound):
+            if _moves(step, world):
                 refused[step.id] = [bulk]
     candidates = [s for s in ordered if s.id not in refused]
 
@@ -237,4 +248,18 @@ def _make_plan(
             if gate is None or f.code != gate.code  # the gate already says it
         ]
         planned.append(PlannedStep(step, Status.GATED, tuple(waiting), gate))
-    return Plan(tuple(planned), tuple(plan_findings), checksum, source, drift=drift)
+    return Plan(tuple(planned), tuple(plan_findings), checksum, source, drift=drift,
+                unverified=tuple(unverified_facts(world)))
+
+
+def unverified_facts(world: World) -> list[str]:
+    """What mailrec could not see or remember, as plan and status show it: the provider's
+    notes, and outbound settings no ack records."""
+    facts = list(world.rental.notes)
+    unknown = world.counts.unknown_outbound
+    if unknown:
+        names = world.users_where(lambda f: f.outbound is Outbound.UNKNOWN)
+        facts.append(f"outgoing server of {unknown} user(s) unknown, no ack on record "
+                     f"({subjects_text(names)}): counted as possibly onprem and possibly the "
+                     "rental until someone acks outbound/<user>")
+    return facts

@@ -42,6 +42,7 @@ def plan_json(plan: Plan) -> dict[str, object]:
         "summary": _summary(plan),
         "steps": [_step_json(p) for p in plan.steps],
         "findings": [f.as_json() for f in plan.findings],
+        "not_verified": list(plan.unverified),
     }
 
 
@@ -91,6 +92,10 @@ def render_markdown(plan: Plan, title: str = "mailrec plan") -> str:
         out += ["**Findings**", ""]
         out += [f"- `{f.code}` ({f.severity}) {_md(f.text())}" for f in plan.findings]
         out.append("")
+    if plan.unverified:
+        out += ["**Not verified** (each counts as false for safety)", ""]
+        out += [f"- {_md(fact)}" for fact in plan.unverified]
+        out.append("")
     out.append(f"<sub>checksum `{plan.checksum}`</sub>")
     return "\n".join(out) + "\n"
 
@@ -121,8 +126,14 @@ def render_text(plan: Plan, *, color: bool = False, width: int = 100) -> str:
     for finding in plan.findings:
         console.print(Text(f"! {finding.text()}", style="red" if finding.severity == "refuse"
                            else "yellow"))
+    _print_unverified(console, plan)
     console.print(Text(_summary(plan), style="bold"))
     return buffer.getvalue()
+
+
+def _print_unverified(console: Console, plan: Plan) -> None:
+    for fact in plan.unverified:
+        console.print(Text(f"? not verified: {fact}", style="yellow"))
 
 
 def status_rows(
@@ -153,7 +164,7 @@ def status_rows(
         rows.append({
             "resource": f"user/{name}",
             "status": status,
-            "detail": f"inbound {inbound}, outbound {facts.outbound or '-'}",
+            "detail": f"inbound {inbound}, outbound {facts.outbound}",
         })
     if not any(r["resource"] == "dns/mx" for r in rows):
         rows.append({"resource": "dns/mx", "status": "in sync",
@@ -172,6 +183,7 @@ def render_status_text(plan: Plan, world: World, *, color: bool = False,
         table.add_row(row["resource"], Text(row["status"], style=styles[row["status"]]),
                       row["detail"])
     console.print(table)
+    _print_unverified(console, plan)
     console.print(Text(_summary(plan), style="bold"))
     return buffer.getvalue()
 
@@ -180,6 +192,7 @@ def render_status_json(plan: Plan, world: World, applied: frozenset[str] = froze
     return json.dumps(
         {"format_version": FORMAT_VERSION, "in_sync": plan.in_sync,
          "resources": status_rows(plan, world, applied),
-         "findings": [f.as_json() for f in plan.findings]},
+         "findings": [f.as_json() for f in plan.findings],
+         "not_verified": list(plan.unverified)},
         indent=2,
     ) + "\n"

@@ -1,21 +1,35 @@
-"""Safety: the invariants every world must satisfy, as functions returning findings.
+"""Safety: the invariants every world must satisfy, and the rule that decides whether a step
+may run.
 
-`check_world` evaluates every rule over a whole world (O(n)); `check_transition` evaluates
-only what one step can break: the rules it names for the users it touches, plus the global
-rules, which read O(1) aggregates. A property test asserts the two agree.
+Each global rule has a *measure*: a tuple of counts read from the world's O(1) aggregates,
+all zero (absent) when the rule holds. `violations(world)` gives every rule's measure;
+`check_transition` applies the one principle of the planner and the executor:
+
+    a step may run only if no rule's measure grows in the world after it.
+
+In a safe world that means the world after it satisfies every invariant, whatever the step
+claims to touch. In a world that already breaks a rule, only steps that repair it, or that the
+simulation proves cannot make it worse, may run; a step that would make an existing violation
+worse is held back by it, and the finding says so. Rules about a change rather than a state
+(MR008 mailbox deletion, MR013 nowhere to receive, MR014 router filter clash) are checked on
+the step's own before/after.
+
+`check_world` lists every violation of a whole world (O(n)) with its message; a property test
+asserts it is empty exactly when `violations` is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from reconciler.context import Context
 from reconciler.findings import Finding, subjects_text
 from reconciler.model import Side
-from reconciler.world import UserFacts, World
+from reconciler.spf import spf_problems, too_wide
+from reconciler.world import IpAddress, RouterFacts, UserFacts, World
 
-GLOBAL_CODES = frozenset({"MR002", "MR003", "MR005", "MR006", "MR007", "MR009", "MR010"})
+Measure = tuple[int, ...]
 
 
 class Transition(Protocol):
@@ -24,229 +38,292 @@ class Transition(Protocol):
     @property
     def users(self) -> tuple[str, ...]: ...
 
-    @property
-    def affects(self) -> frozenset[str]: ...
 
+# --- measures -------------------------------------------------------------------------------
+
+# The DNS, rental and router facts are shared, unchanged, by every world a plan simulates
+# after a user step; their rules are worked out once per distinct object, not once per step.
+_part_cache: dict[str, tuple[tuple[object, ...], list[str]]] = {}
+
+
+def _memo(kind: str, parts: tuple[object, ...], compute: Callable[[], list[str]]) -> list[str]:
+    cached = _part_cache.get(kind)
+    if cached is not None and len(cached[0]) == len(parts) and all(
+            a is b for a, b in zip(cached[0], parts, strict=True)):
+        return cached[1]
+    result = compute()
+    _part_cache[kind] = (parts, result)
+    return result
+
+
+
+def _egress_problems(world: World, ctx: Context) -> list[str]:
+    """Why the office's port-25 submissions may not be accepted by the rental (MR005)."""
+    return _memo("egress", (world.router, world.rental, ctx),
+                 lambda: _compute_egress_problems(world, ctx))
+
+
+def _compute_egress_problems(world: World, ctx: Context) -> list[str]:
+    router = world.router
+    egress = router.smtp_egress() if router is not None else ()
+    if not egress:
+        return ["tcp/25 has no known way out of the office (no router policy mailrec can see)"]
+    problems = []
+    for gateway in egress:
+        address = ctx.egress_ips.get(gateway)
+        if address is None:
+            problems.append(f"tcp/25 may leave through {gateway}, whose public address the "
+                            "state does not declare")
+            continue
+        relays = world.rental.relays_for(address)
+        if relays is None:
+            problems.append(f"tcp/25 leaves through {gateway} as {address}, and the rental's "
+                            f"relay whitelist is not verified for {address} (counts as not "
+                            "whitelisted)")
+        elif not relays:
+            problems.append(f"tcp/25 leaves through {gateway} as {address}, which is not in the "
+                            "rental's relay whitelist")
+    return problems
+
+
+def _router_problems(router: RouterFacts) -> list[str]:
+    problems = []
+    if not router.has_unfiltered_default():
+        problems.append("the router would have no unfiltered default route: all other traffic "
+                        "would stop")
+    defined = router.filters | router.other_filters
+    missing = sorted({f for _, filters in router.default_route or () for f in filters
+                      if f not in defined})
+    if missing:
+        problems.append(f"the default route references filter(s) {missing} that do not exist")
+    return problems
+
+
+def _spf_problems(world: World, ctx: Context) -> list[str]:
+    return _memo("spf", (world.dns, ctx), lambda: _compute_spf_problems(world, ctx))
+
+
+def _compute_spf_problems(world: World, ctx: Context) -> list[str]:
+    problems = spf_problems(world.dns.spf_terms, min_prefix_v4=ctx.whitelist_min_prefix_v4,
+                            min_prefix_v6=ctx.whitelist_min_prefix_v6)
+    if world.dns.spf_records > 1:
+        problems.append(f"the domain has {world.dns.spf_records} v=spf1 records; RFC 7208 "
+                        "allows one (receivers answer permerror)")
+    return problems
+
+
+def _wide_whitelist(world: World, ctx: Context) -> list[str]:
+    return _memo("whitelist", (world.rental, ctx), lambda: _compute_wide(world, ctx))
+
+
+def _compute_wide(world: World, ctx: Context) -> list[str]:
+    return [str(n) for n in too_wide(world.rental.whitelist,
+                                     min_prefix_v4=ctx.whitelist_min_prefix_v4,
+                                     min_prefix_v6=ctx.whitelist_min_prefix_v6)]
+
+
+def violations(world: World, ctx: Context) -> dict[str, Measure]:
+    """How badly the world breaks each global rule; a rule that holds is absent. O(1) in the
+    number of users (the SPF record, the whitelist and the router are small)."""
+    c = world.counts
+    found: dict[str, Measure] = {}
+
+    def note(code: str, *measure: int) -> None:
+        if any(measure):
+            found[code] = measure
+
+    note("MR001", c.routed_without_mailbox, 0 if world.rental.domain_accepted else c.route_rental)
+    if c.may_send_rental and c.missed_by_rental:
+        note("MR002", c.may_send_rental, c.missed_by_rental)
+    if world.dns.mx is Side.RENTAL:
+        note("MR003", c.missed_by_rental)
+    if c.may_relay:
+        problems = _egress_problems(world, ctx)
+        if problems:
+            note("MR005", c.may_relay, len(problems))
+    note("MR006",
+         0 if world.dns.spf_has(ctx.rental_spf_term) else c.may_send_rental,
+         0 if world.dns.spf_has(ctx.onprem_spf_term) else c.may_send_onprem)
+    note("MR007", c.routed_unaccepted if world.onprem.recipient_validation
+         else c.routed_without_account)
+    if world.router is not None:
+        router = world.router
+        note("MR009", len(_memo("router", (router,), lambda: _router_problems(router))))
+    if world.onprem.retired:
+        note("MR010", int(world.dns.mx is not Side.RENTAL), c.may_send_onprem, c.holding_onprem)
+    note("MR016", len(_wide_whitelist(world, ctx)))
+    note("MR017", len(_spf_problems(world, ctx)))
+    note("MR018", c.drifted)
+    return found
+
+
+def worse(before: dict[str, Measure], after: dict[str, Measure]) -> list[str]:
+    """The rules whose measure grows from `before` to `after` (any component)."""
+    grown = []
+    for code, measure in after.items():
+        old = before.get(code, (0,) * len(measure))
+        if any(a > b for a, b in zip(measure, old, strict=True)):
+            grown.append(code)
+    return grown
+
+
+# --- messages ----------------------------------------------------------------------------
 
 _names_cache: dict[str, tuple[object, list[str]]] = {}
 
 
-def _names(world: World, key: str, test: type[object] | None = None) -> list[str]:
+def _names(world: World, key: str) -> list[str]:
     """Users matching a named predicate; memoised per users-map because refused steps in a
     row see the same world, and listing names is the only O(n) part of a global finding."""
     cached = _names_cache.get(key)
     if cached is not None and cached[0] is world.users:
         return cached[1]
-    predicate = _PREDICATES[key]
-    names = world.users_where(predicate)
+    names = world.users_where(_PREDICATES[key])
     _names_cache[key] = (world.users, names)
     return names
 
 
 _PREDICATES = {
-    "inbound_onprem": lambda f: f.inbound is Side.ONPREM,
-    "outbound_rental": lambda f: f.outbound is Side.RENTAL,
-    "outbound_onprem": lambda f: f.outbound is Side.ONPREM,
+    "missed_by_rental": lambda f: f.missed_by_rental,
+    "may_send_rental": lambda f: f.outbound.may_send_rental,
+    "may_send_onprem": lambda f: f.outbound.may_send_onprem,
+    "may_relay": lambda f: f.outbound.may_relay,
     "route_rental": lambda f: f.route is Side.RENTAL,
-    # Without the map in local_recipient_maps only a real account makes Postfix accept.
-    "unaccepted": lambda f: f.route is Side.RENTAL and not f.onprem_account,
+    "routed_without_account": lambda f: f.route is Side.RENTAL and not f.onprem_account,
     "holding_onprem": lambda f: f.onprem_account and f.onprem_messages > 0,
 }
 
 
+def _missed_text(world: World) -> str:
+    names = _names(world, "missed_by_rental")
+    return (f"{len(names)} user(s) would not get their mail at the rental "
+            f"({subjects_text(names)}: still reading onprem, or routed there without a "
+            "working rental mailbox)")
+
+
+def _senders(world: World, key: str, what: str) -> str:
+    names = _names(world, key)
+    unknown = world.counts.unknown_outbound
+    tail = f", {unknown} of them unknown (no ack on record counts as either side)" if (
+        unknown and key != "route_rental") else ""
+    return f"{len(names)} user(s) {what} ({subjects_text(names)}{tail})"
+
+
 def user_findings(name: str, facts: UserFacts, world: World, ctx: Context) -> list[Finding]:
-    """Per-user invariants: MR001 and MR007."""
+    """The per-user rules on one user: MR001, MR007 and MR018."""
     found: list[Finding] = []
+    address = f"{name}@{ctx.domain}"
+    if facts.route_drift:
+        found.append(Finding(
+            "MR018", f"onprem's transport entry for {address} is not what mailrec writes for "
+            "the state (a changed rental host or port, or a hand edit): its mail goes elsewhere",
+            (name,), f"let mailrec rewrite it (step inbound/{name})"))
     if facts.route is Side.RENTAL:
         if not facts.rental_mailbox:
-            found.append(
-                Finding(
-                    "MR001",
-                    f"{name} is routed to the rental, but the rental has no mailbox "
-                    f"{name}@{ctx.domain}",
-                    (name,),
-                    f"create the rental mailbox {name} first (step mailbox/{name})",
-                )
-            )
+            found.append(Finding(
+                "MR001", f"{name} is routed to the rental, but the rental has no mailbox "
+                f"{address}", (name,), f"create the rental mailbox {name} first (step "
+                f"mailbox/{name})"))
         if not facts.onprem_accepts:
-            found.append(
-                Finding(
-                    "MR007",
-                    f"{name} is routed to the rental but onprem's recipient validation does not "
-                    f"accept {name}@{ctx.domain}: Postfix would answer 550",
-                    (name,),
-                    f"add {name} to mailrec's relay recipient map (step inbound/{name})",
-                )
-            )
+            found.append(Finding(
+                "MR007", f"{name} is routed to the rental but onprem's recipient validation does "
+                f"not accept {address}: Postfix would answer 550", (name,),
+                f"add {name} to mailrec's relay recipient map (step inbound/{name})"))
     return found
 
 
-def global_findings(
-    world: World, ctx: Context, codes: Iterable[str] = GLOBAL_CODES
-) -> list[Finding]:
-    wanted = frozenset(codes)
+def findings_for(world: World, ctx: Context, code: str,
+                 users: Iterable[str] | None = None) -> list[Finding]:
+    """The findings of one rule over `world`. Per-user rules list `users` only when given
+    (the users a step touched), else every user that breaks them."""
+    if code in ("MR001", "MR007", "MR018"):
+        names = list(users) if users is not None else sorted(world.users.keys())
+        found = [f for n in names for f in user_findings(n, world.user(n), world, ctx)
+                 if f.code == code]
+        return found + _global_user_rule(world, ctx, code)
+    return list(_global_findings(world, ctx, code))
+
+
+def _global_user_rule(world: World, ctx: Context, code: str) -> list[Finding]:
     counts = world.counts
-    found: list[Finding] = []
-    if "MR001" in wanted and counts.route_rental and not world.rental.domain_accepted:
-        found.append(
-            Finding(
-                "MR001",
-                f"{counts.route_rental} user(s) are routed to the rental, but the rental does "
-                f"not accept mail for {ctx.domain}",
-                ("rental",),
-                f"register {ctx.domain} at the rental service",
-            )
-        )
-    if "MR002" in wanted and counts.outbound_rental and counts.inbound_onprem:
-        waiting = _names(world, "inbound_onprem")
-        found.append(
-            Finding(
-                "MR002",
-                f"{counts.outbound_rental} user(s) send via the rental while {len(waiting)} "
-                f"user(s) still receive onprem "
-                f"({subjects_text(waiting)}): the rental would bounce mail to them",
-                tuple(waiting[:20]),
-                "move every user's inbound to the rental first",
-            )
-        )
-    if "MR003" in wanted and world.dns.mx is Side.RENTAL and counts.inbound_onprem:
-        waiting = _names(world, "inbound_onprem")
-        found.append(
-            Finding(
-                "MR003",
-                f"the MX names the rental while {len(waiting)} user(s) still receive onprem "
-                f"({subjects_text(waiting)})",
-                tuple(waiting[:20]),
-                "move every user's inbound to the rental before the MX",
-            )
-        )
-    if "MR005" in wanted and counts.outbound_rental and ctx.egress_ip is not None:
-        router = world.router
-        gateway = router.smtp_gateway() if router else None
-        if gateway != ctx.smtp_gateway:
-            found.append(
-                Finding(
-                    "MR005",
-                    f"{counts.outbound_rental} user(s) send via the rental on port "
-                    f"{ctx.relay_port}, but the router does not route tcp/25 through "
-                    f"{ctx.smtp_gateway} (now: {gateway or 'no policy'})",
-                    ("router/route/default",),
-                    f"apply router/filter/{ctx.smtp_filter} and router/route/default first",
-                )
-            )
-        if not any(ctx.egress_ip in net for net in world.rental.whitelist):
-            found.append(
-                Finding(
-                    "MR005",
-                    f"{counts.outbound_rental} user(s) send via the rental without auth, but the "
-                    f"egress IP {ctx.egress_ip} is "
-                    "not in the rental's relay whitelist",
-                    (f"whitelist/{ctx.egress_ip}",),
-                    "add a whitelist entry containing the egress IP first",
-                )
-            )
-    if "MR006" in wanted:
-        if counts.outbound_rental and not world.dns.spf_has(ctx.rental_spf_term):
-            found.append(
-                Finding(
-                    "MR006",
-                    f"{counts.outbound_rental} user(s) send via the rental, but SPF lacks "
-                    f"{ctx.rental_spf_term}: "
-                    "their mail would be flagged as spam",
-                    ("dns/spf",),
-                    f"add {ctx.rental_spf_term} to the SPF record first (step dns/spf)",
-                )
-            )
-        if counts.outbound_onprem and not world.dns.spf_has(ctx.onprem_spf_term):
-            found.append(
-                Finding(
-                    "MR006",
-                    f"{counts.outbound_onprem} user(s) still send through onprem, but SPF lacks "
-                    f"{ctx.onprem_spf_term}",
-                    ("dns/spf",),
-                    f"keep {ctx.onprem_spf_term} in SPF until nobody sends through onprem",
-                )
-            )
-    if "MR007" in wanted and not world.onprem.recipient_validation:
-        unaccepted = counts.route_rental and _names(world, "unaccepted")
-        if unaccepted:
-            found.append(
-                Finding(
-                    "MR007",
-                    "onprem's local_recipient_maps does not include mailrec's relay recipient "
-                    f"map, so {subjects_text(unaccepted)} would be answered 550",
-                    ("onprem/recipient-maps",),
-                    "apply onprem/recipient-maps first",
-                )
-            )
-    if "MR009" in wanted and world.router is not None:
-        found.extend(_router_findings(world))
-    if "MR010" in wanted and world.onprem.retired:
-        found.extend(_retired_findings(world, ctx))
-    return found
+    if code == "MR001" and counts.route_rental and not world.rental.domain_accepted:
+        return [Finding("MR001", f"{counts.route_rental} user(s) are routed to the rental, but "
+                        f"the rental does not accept mail for {ctx.domain}", ("rental",),
+                        f"register {ctx.domain} at the rental service")]
+    if code == "MR007" and not world.onprem.recipient_validation and (
+            counts.routed_without_account):
+        names = _names(world, "routed_without_account")
+        return [Finding("MR007", "onprem's local_recipient_maps does not include mailrec's relay "
+                        f"recipient map, so {subjects_text(names)} would be answered 550",
+                        ("onprem/recipient-maps",), "apply onprem/recipient-maps first")]
+    return []
 
 
-def _router_findings(world: World) -> list[Finding]:
-    router = world.router
-    assert router is not None
-    found: list[Finding] = []
-    if not router.has_unfiltered_default():
-        found.append(
-            Finding(
-                "MR009",
-                "the router would have no unfiltered default route: all other traffic would "
-                "stop",
-                ("router/route/default",),
-                "keep a default gateway without filter in the route",
-            )
-        )
-    defined = router.filters | router.other_filters
-    for _, filters in router.default_route or ():
-        missing = [f for f in filters if f not in defined]
-        if missing:
-            found.append(
-                Finding(
-                    "MR009",
-                    f"the default route references filter(s) {missing} that do not exist",
-                    tuple(f"router/filter/{f}" for f in missing),
-                    "define the filter before the route references it",
-                )
-            )
-    return found
+def _global_findings(world: World, ctx: Context, code: str) -> Iterator[Finding]:
+    if code == "MR002":
+        yield Finding("MR002", f"{_senders(world, 'may_send_rental', 'may send via the rental')} "
+                      f"while {_missed_text(world)}: the rental would bounce mail to them",
+                      tuple(_names(world, "missed_by_rental")[:20]),
+                      "move every user's inbound to a working rental mailbox first")
+    elif code == "MR003":
+        yield Finding("MR003", f"the MX names the rental while {_missed_text(world)}",
+                      tuple(_names(world, "missed_by_rental")[:20]),
+                      "move every user's inbound to a working rental mailbox before the MX")
+    elif code == "MR005":
+        problems = _egress_problems(world, ctx)
+        senders = _senders(world, "may_relay", "may submit on port 25 without AUTH")
+        yield Finding("MR005", f"{senders}, but {'; '.join(problems)}: their mail would be "
+                      "refused",
+                      ("router/route/default", "whitelist"),
+                      "route tcp/25 through a gateway whose declared egress_ip the rental is seen "
+                      "to relay for (an observed whitelist or a relay probe), or move those "
+                      "clients to the submission port with AUTH")
+    elif code == "MR006":
+        if world.counts.may_send_rental and not world.dns.spf_has(ctx.rental_spf_term):
+            senders = _senders(world, "may_send_rental", "may send via the rental")
+            yield Finding("MR006", f"{senders}, but SPF lacks {ctx.rental_spf_term}: their "
+                          "mail would be flagged as spam", ("dns/spf",),
+                          f"add {ctx.rental_spf_term} to the SPF record first (step dns/spf)")
+        if world.counts.may_send_onprem and not world.dns.spf_has(ctx.onprem_spf_term):
+            senders = _senders(world, "may_send_onprem", "may send through onprem")
+            yield Finding("MR006", f"{senders}, but SPF lacks {ctx.onprem_spf_term}", ("dns/spf",),
+                          f"keep {ctx.onprem_spf_term} in SPF until nobody sends through onprem")
+    elif code == "MR009" and world.router is not None:
+        for problem in _router_problems(world.router):
+            yield Finding("MR009", problem, ("router/route/default",),
+                          "keep a default gateway without filter, and define a filter before a "
+                          "route references it")
+    elif code == "MR010" and world.onprem.retired:
+        yield from _retired_findings(world)
+    elif code == "MR016":
+        wide = _wide_whitelist(world, ctx)
+        yield Finding("MR016", f"the rental relays without AUTH for {', '.join(wide)}, wider than "
+                      f"/{ctx.whitelist_min_prefix_v4} (IPv4) or /{ctx.whitelist_min_prefix_v6} "
+                      "(IPv6): an open relay for strangers", tuple(f"whitelist/{n}" for n in wide),
+                      "whitelist only the office's own addresses")
+    elif code == "MR017":
+        for problem in _spf_problems(world, ctx):
+            yield Finding("MR017", f"SPF record \"{' '.join(world.dns.spf_terms)}\": {problem}",
+                          ("dns/spf",), "keep the SPF record valid under RFC 7208")
 
 
-def _retired_findings(world: World, ctx: Context) -> list[Finding]:
-    found: list[Finding] = []
+def _retired_findings(world: World) -> Iterator[Finding]:
     if world.dns.mx is not Side.RENTAL:
-        found.append(
-            Finding(
-                "MR010",
-                "onprem is retired while the MX still names it",
-                ("onprem/retire", "dns/mx"),
-                "move the MX to the rental first",
-            )
-        )
-    if world.counts.outbound_onprem:
-        senders = _names(world, "outbound_onprem")
-        found.append(
-            Finding(
-                "MR010",
-                f"onprem is retired while {subjects_text(senders)} still send through it",
-                tuple(senders[:20]),
-                "move every user's outbound to the rental first",
-            )
-        )
-    holding = _names(world, "holding_onprem")
-    if holding:
-        found.append(
-            Finding(
-                "MR010",
-                f"onprem is retired while mailboxes still hold mail: {subjects_text(holding)}",
-                tuple(holding[:20]),
-                "let the users drain (or archive) their onprem mailboxes first",
-            )
-        )
-    return found
+        yield Finding("MR010", "onprem is retired while the MX still names it",
+                      ("onprem/retire", "dns/mx"), "move the MX to the rental first")
+    if world.counts.may_send_onprem:
+        yield Finding("MR010", f"onprem is retired while "
+                      f"{_senders(world, 'may_send_onprem', 'may still send through it')}",
+                      tuple(_names(world, "may_send_onprem")[:20]),
+                      "move every user's outbound to the rental (and ack it) first")
+    if world.counts.holding_onprem:
+        holding = _names(world, "holding_onprem")
+        yield Finding("MR010", f"onprem is retired while mailboxes still hold mail: "
+                      f"{subjects_text(holding)}", tuple(holding[:20]),
+                      "let the users drain (or archive) their onprem mailboxes first")
+
+
+# --- rules about a change --------------------------------------------------------------------
 
 
 def transition_findings(
@@ -255,62 +332,165 @@ def transition_findings(
     """Rules about a change rather than a state: MR008 and MR013."""
     found: list[Finding] = []
     if before.onprem_account and not after.onprem_account and before.onprem_messages:
-        found.append(
-            Finding(
-                "MR008",
-                f"the onprem mailbox of {name} still holds {before.onprem_messages} message(s)",
-                (name,),
-                f"let {name} drain it over POP, or archive it, first",
-            )
-        )
-    if before.rental_mailbox and not after.rental_mailbox and (before.rental_messages or 0):
-        found.append(
-            Finding(
-                "MR008",
-                f"the rental mailbox of {name} still holds {before.rental_messages} message(s)",
-                (name,),
-                "archive the messages first",
-            )
-        )
+        found.append(Finding(
+            "MR008", f"the onprem mailbox of {name} still holds {before.onprem_messages} "
+            "message(s)", (name,), f"let {name} drain it over POP, or archive it, first"))
+    if before.rental_mailbox and not after.rental_mailbox and (
+            before.rental_messages is None or before.rental_messages):
+        held = ("an unknown number of" if before.rental_messages is None
+                else str(before.rental_messages))
+        found.append(Finding(
+            "MR008", f"the rental mailbox of {name} still holds {held} message(s)", (name,),
+            "archive the messages first"))
     if before.inbound is not None and after.inbound is None:
-        found.append(
-            Finding(
-                "MR013",
-                f"{name} would have nowhere to receive: onprem would answer 550 for "
-                f"{name}@{ctx.domain}",
-                (name,),
-                f"keep the onprem account of {name} until its mail is routed to the rental",
-            )
-        )
+        found.append(Finding(
+            "MR013", f"{name} would have nowhere to receive: onprem would answer 550 for "
+            f"{name}@{ctx.domain}", (name,),
+            f"keep the onprem account of {name} until its mail is routed to the rental"))
     return found
 
 
-def check_world(world: World, ctx: Context) -> list[Finding]:
-    """Every invariant over a whole world (O(n)): validation, status, property tests."""
+def router_transition_findings(
+    before: RouterFacts | None, after: RouterFacts | None, ctx: Context
+) -> list[Finding]:
+    """MR014: mailrec defines or removes only filter numbers no admin line uses, and never
+    replaces a filter that is not its own smtp pass; MR005 for the policy route: after a
+    route change the office's tcp/25 must leave through the state's gateway alone."""
+    if before is None or after is None or before == after:
+        return []
     found: list[Finding] = []
-    for name, facts in world.users.items():
-        found.extend(user_findings(name, facts, world, ctx))
-    found.sort(key=lambda f: (f.code, f.subjects))
-    found.extend(global_findings(world, ctx, GLOBAL_CODES | {"MR001"}))
+    routed = {f for _, fs in before.default_route or () for f in fs}
+    for number in sorted(_changed_filters(before, after)):
+        users = before.references.get(number, ())
+        defining = number in after.filters and number not in before.filters
+        if defining and number in routed and number not in before.other_filters:
+            users = users or (f"the default route names filter {number}, which is not "
+                              "defined: an entry mailrec did not write",)
+        if users:
+            found.append(Finding(
+                "MR014", f"filter number {number} is already used by the router line "
+                f"{users[0]!r}{f' (and {len(users) - 1} more)' if len(users) > 1 else ''}: "
+                "mailrec will not define or remove it", (f"router/filter/{number}",),
+                "choose another router.smtp_route.filter number"))
+        elif number in before.other_filters:
+            # Not mailrec's smtp pass (any more): whoever wrote it, even over a filter the
+            # journal says mailrec created, it is an admin's now.
+            line = before.filter_lines.get(number, f"ip filter {number} ...")
+            found.append(Finding(
+                "MR014", f"filter {number} is already defined as {line!r}: mailrec replaces "
+                "no filter but its own unchanged smtp pass", (f"router/filter/{number}",),
+                "choose another router.smtp_route.filter number"))
+    found.extend(_policy_route_findings(before, after, ctx))
+    newly = {f for _, fs in after.default_route or () for f in fs} - {
+        f for _, fs in before.default_route or () for f in fs}
+    for number in sorted(newly - _changed_filters(before, after)):
+        users = before.references.get(number, ())
+        if users:
+            found.append(Finding(
+                "MR014", f"the route would use filter {number}, which the router line "
+                f"{users[0]!r} also uses: mailrec will not share a filter number",
+                (f"router/filter/{number}",), "choose another router.smtp_route.filter number"))
+        elif number in after.other_filters:
+            line = after.filter_lines.get(number, f"ip filter {number} ...")
+            found.append(Finding(
+                "MR014", f"the route would use filter {number}, defined as {line!r}, not "
+                "mailrec's smtp pass", (f"router/filter/{number}",),
+                "choose another router.smtp_route.filter number"))
+    return found
+
+
+def relay_route_findings(before: World, after: World, ctx: Context) -> list[Finding]:
+    """MR005 for a route change while anyone may relay: the office's tcp/25 may move only to
+    gateways whose address the rental is seen to relay for. (Moving from one unverified
+    gateway to another is no worse by count, but nothing proves it safe.)"""
+    old, new = before.router, after.router
+    if old is None or new is None or not after.counts.may_relay:
+        return []
+    moved_to = set(new.smtp_egress()) - set(old.smtp_egress())
+    unverified = sorted(g for g in moved_to
+                        if (address := ctx.egress_ips.get(g)) is None
+                        or after.rental.relays_for(address) is not True)
+    if not unverified:
+        return []
+    senders = _senders(after, "may_relay", "may submit on port 25 without AUTH")
+    return [Finding(
+        "MR005", f"{senders}, and this route change sends tcp/25 out through "
+        f"{', '.join(unverified)}, whose address the rental is not seen to relay for",
+        ("router/route/default",),
+        "move those clients to the submission port with AUTH first (outbound/<user>)")]
+
+
+def _policy_route_findings(before: RouterFacts, after: RouterFacts, ctx: Context) -> list[Finding]:
+    found: list[Finding] = []
+    if ctx.smtp_gateway is not None and before.default_route != after.default_route:
+        egress = after.smtp_egress()
+        if egress != (ctx.smtp_gateway,):
+            found.append(Finding(
+                "MR005", f"after this route change tcp/25 may leave through "
+                f"{', '.join(egress) or 'no gateway'}, not only {ctx.smtp_gateway}"
+                f"{_first_catch(after, ctx.smtp_gateway)}", ("router/route/default",),
+                "move or change that entry on the router, or choose its gateway in the state"))
+    return found
+
+
+def _changed_filters(before: RouterFacts, after: RouterFacts) -> set[int]:
+    numbers = set(before.filter_lines) | set(after.filter_lines) | before.filters | after.filters
+    return {n for n in numbers
+            if (n in before.filters, n in before.other_filters, before.filter_lines.get(n))
+            != (n in after.filters, n in after.other_filters, after.filter_lines.get(n))}
+
+
+def _first_catch(router: RouterFacts, ours: str) -> str:
+    """`: the entry 'gateway pp 1 filter 500' comes first and ...`, naming the admin entry
+    that takes the office's SMTP traffic before mailrec's gateway."""
+    for gateway, filters in router.default_route or ():
+        if gateway == ours:
+            return ""
+        for number in filters:
+            verdict = router.verdict(number)
+            if verdict is not None and verdict.passes and verdict.coverage:
+                line = router.filter_lines.get(number, f"filter {number}")
+                return (f": the entry 'gateway {gateway} filter "
+                        f"{' '.join(map(str, filters))}' comes first and {line!r} passes it")
+        if not filters:
+            return f": the unfiltered entry 'gateway {gateway}' comes first"
+    return ""
+
+
+# --- the two checks ---------------------------------------------------------------------------
+
+
+def check_world(world: World, ctx: Context) -> list[Finding]:
+    """Every violation of a whole world, with messages (O(n)): status, drift, tests."""
+    found: list[Finding] = []
+    for code in sorted(violations(world, ctx)):
+        found.extend(findings_for(world, ctx, code))
     return found
 
 
 def check_transition(
     before: World, after: World, step: Transition, ctx: Context
 ) -> list[Finding]:
-    """Findings a step would cause: the per-user rules for the users it touches, and the
-    global rules it can affect, evaluated on the world after it."""
+    """Why the step from `before` to `after` may not run: the change rules on what it
+    touched, and every rule whose measure it makes grow. Empty: it may run."""
     found: list[Finding] = []
     for name in step.users:
-        old, new = before.user(name), after.user(name)
-        found.extend(transition_findings(name, old, new, ctx))
-        found.extend(user_findings(name, new, after, ctx))
-    codes = step.affects & (GLOBAL_CODES | {"MR001"})
-    if codes:
-        caused = global_findings(after, ctx, codes)
-        if caused:
-            # A violation the world already had, unchanged by this step, does not block it;
-            # one it creates or widens (the message carries the counts) does.
-            existing = {(f.code, f.message) for f in global_findings(before, ctx, codes)}
-            found.extend(f for f in caused if (f.code, f.message) not in existing)
+        found.extend(transition_findings(name, before.user(name), after.user(name), ctx))
+    found.extend(router_transition_findings(before.router, after.router, ctx))
+    found.extend(relay_route_findings(before, after, ctx))
+    old = violations(before, ctx)
+    new = violations(after, ctx)
+    for code in worse(old, new):
+        caused = findings_for(after, ctx, code, users=step.users if step.users else None)
+        if not caused:  # a per-user rule broken by a user the step did not touch
+            caused = findings_for(after, ctx, code)
+        if code in old:
+            caused = [Finding(f.code, f"already broken in the observed world, and this step "
+                              f"would make it worse: {f.message}", f.subjects, f.remedy,
+                              f.severity) for f in caused]
+        found.extend(caused)
     return found
+
+
+__all__ = ["IpAddress", "Measure", "check_transition", "check_world", "findings_for",
+           "user_findings", "violations", "worse"]

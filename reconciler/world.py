@@ -11,7 +11,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from functools import lru_cache
 
 import immutables
@@ -19,6 +19,35 @@ import immutables
 from reconciler.model import Side
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Outbound(StrEnum):
+    """Which SMTP server a user's mail client submits to. A client setting mailrec cannot
+    read: it is known only from a person's ack (the journal), else it is UNKNOWN."""
+
+    ONPREM = "onprem"
+    RELAY = "relay"  # the rental on port 25 without AUTH, allowed by the office's whitelist
+    SUBMISSION = "submission"  # the rental's submission port with AUTH
+    UNKNOWN = "unknown"  # no record: possibly any of the above, and safety assumes each
+
+    @property
+    def side(self) -> Side | None:
+        if self is Outbound.ONPREM:
+            return Side.ONPREM
+        return None if self is Outbound.UNKNOWN else Side.RENTAL
+
+    @property
+    def may_send_onprem(self) -> bool:
+        return self in (Outbound.ONPREM, Outbound.UNKNOWN)
+
+    @property
+    def may_send_rental(self) -> bool:
+        return self is not Outbound.ONPREM
+
+    @property
+    def may_relay(self) -> bool:
+        return self in (Outbound.RELAY, Outbound.UNKNOWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +60,10 @@ class UserFacts:
     relay_recipient: bool = False  # in mailrec's recipient map, so onprem accepts without account
     rental_mailbox: bool = False
     rental_messages: int | None = None  # None: the provider cannot tell
-    outbound: Side | None = None  # client submission server, known from acks; None: sends nothing
+    outbound: Outbound = Outbound.UNKNOWN
+    # mailrec's transport entry for this user says something the state would not write (a
+    # changed rental host or port, a hand edit such as `error:`): mail goes elsewhere.
+    route_drift: bool = False
 
     def evolve(self, **changes: object) -> UserFacts:
         """`dataclasses.replace`, without its per-call introspection (a planning hot path)."""
@@ -44,13 +76,15 @@ class UserFacts:
             get("rental_mailbox", self.rental_mailbox),  # type: ignore[arg-type]
             get("rental_messages", self.rental_messages),  # type: ignore[arg-type]
             get("outbound", self.outbound),  # type: ignore[arg-type]
+            get("route_drift", self.route_drift),  # type: ignore[arg-type]
         )
 
     @property
     def inbound(self) -> Side | None:
-        """Where mail for this user ends up today, or None when onprem would answer 550."""
+        """Where mail for this user ends up today, or None when it reaches no mailbox the
+        user reads (onprem would answer 550, or a drifted entry sends it elsewhere)."""
         if self.route is Side.RENTAL:
-            return Side.RENTAL
+            return None if self.route_drift else Side.RENTAL
         return Side.ONPREM if self.onprem_account else None
 
     @property
@@ -58,44 +92,85 @@ class UserFacts:
         """Postfix recipient validation (local_recipient_maps) accepts this address."""
         return self.onprem_account or self.relay_recipient
 
+    @property
+    def missed_by_rental(self) -> bool:
+        """The rental, if it took this user's mail now, would not put it where the user
+        reads: the user still reads onprem, or is routed there without a working mailbox."""
+        if self.route is Side.RENTAL:
+            return self.route_drift or not self.rental_mailbox
+        return self.onprem_account
+
 
 @dataclass(frozen=True, slots=True)
 class UserCounts:
-    """Running aggregates over all users, kept in step with `World.users`."""
+    """Running aggregates over all users, kept in step with `World.users`; every global
+    safety rule reads these, so a rule costs O(1) per simulated step."""
 
     total: int = 0
-    inbound_onprem: int = 0
-    outbound_rental: int = 0
-    outbound_onprem: int = 0
+    missed_by_rental: int = 0
     route_rental: int = 0
+    may_send_rental: int = 0
+    may_send_onprem: int = 0
+    may_relay: int = 0
+    unknown_outbound: int = 0
+    routed_without_mailbox: int = 0  # MR001
+    routed_without_account: int = 0  # MR007 when mailrec's map is not consulted
+    routed_unaccepted: int = 0  # MR007
+    drifted: int = 0  # MR018
+    holding_onprem: int = 0  # MR010 once retired
 
     @staticmethod
     @lru_cache(maxsize=4096)  # few distinct UserFacts values exist; counting is a hot path
     def of(facts: UserFacts) -> UserCounts:
+        routed = facts.route is Side.RENTAL
+        outbound = facts.outbound
         return UserCounts(
-            total=1,
-            inbound_onprem=int(facts.inbound is Side.ONPREM),
-            outbound_rental=int(facts.outbound is Side.RENTAL),
-            outbound_onprem=int(facts.outbound is Side.ONPREM),
-            route_rental=int(facts.route is Side.RENTAL),
+            1,
+            int(facts.missed_by_rental),
+            int(routed),
+            int(outbound.may_send_rental),
+            int(outbound.may_send_onprem),
+            int(outbound.may_relay),
+            int(outbound is Outbound.UNKNOWN),
+            int(routed and not facts.rental_mailbox),
+            int(routed and not facts.onprem_account),
+            int(routed and not facts.onprem_accepts),
+            int(facts.route_drift),
+            int(facts.onprem_account and facts.onprem_messages > 0),
         )
 
     def __add__(self, other: UserCounts) -> UserCounts:
+        # Spelled out: this runs once per simulated step (zip and unpacking cost 2x).
         return UserCounts(
             self.total + other.total,
-            self.inbound_onprem + other.inbound_onprem,
-            self.outbound_rental + other.outbound_rental,
-            self.outbound_onprem + other.outbound_onprem,
+            self.missed_by_rental + other.missed_by_rental,
             self.route_rental + other.route_rental,
+            self.may_send_rental + other.may_send_rental,
+            self.may_send_onprem + other.may_send_onprem,
+            self.may_relay + other.may_relay,
+            self.unknown_outbound + other.unknown_outbound,
+            self.routed_without_mailbox + other.routed_without_mailbox,
+            self.routed_without_account + other.routed_without_account,
+            self.routed_unaccepted + other.routed_unaccepted,
+            self.drifted + other.drifted,
+            self.holding_onprem + other.holding_onprem,
         )
 
     def __sub__(self, other: UserCounts) -> UserCounts:
+        # Spelled out: this runs once per simulated step (zip and unpacking cost 2x).
         return UserCounts(
             self.total - other.total,
-            self.inbound_onprem - other.inbound_onprem,
-            self.outbound_rental - other.outbound_rental,
-            self.outbound_onprem - other.outbound_onprem,
+            self.missed_by_rental - other.missed_by_rental,
             self.route_rental - other.route_rental,
+            self.may_send_rental - other.may_send_rental,
+            self.may_send_onprem - other.may_send_onprem,
+            self.may_relay - other.may_relay,
+            self.unknown_outbound - other.unknown_outbound,
+            self.routed_without_mailbox - other.routed_without_mailbox,
+            self.routed_without_account - other.routed_without_account,
+            self.routed_unaccepted - other.routed_unaccepted,
+            self.drifted - other.drifted,
+            self.holding_onprem - other.holding_onprem,
         )
 
 
@@ -111,6 +186,23 @@ class OnpremFacts:
 class RentalFacts:
     domain_accepted: bool = False
     whitelist: frozenset[IpNetwork] = frozenset()
+    # The whitelist was read from the rental itself (API, its config over ssh, the lab's
+    # files). False: it comes from the state file or a file an admin keeps, so it is
+    # declared, not observed, and safety may not rely on it.
+    whitelist_verified: bool = True
+    # Relay probes: (address the rental saw, whether it relayed without AUTH).
+    relay_checks: tuple[tuple[IpAddress, bool], ...] = ()
+    notes: tuple[str, ...] = ()  # what the provider could not verify, shown by plan/status
+
+    def relays_for(self, address: IpAddress) -> bool | None:
+        """Whether the rental relays for `address` without AUTH: True/False as observed
+        (a probe, or a whitelist read from the rental), None when it cannot be verified."""
+        for checked, relayed in self.relay_checks:
+            if checked == address:
+                return relayed
+        if not self.whitelist_verified:
+            return None
+        return any(address in network for network in self.whitelist)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +213,8 @@ class DnsFacts:
     spf_terms: tuple[str, ...] = ("v=spf1", "-all")  # the SPF TXT record, split into terms
     spf_ttl: int = 3600
     soa_serial: int = 0
+    spf_records: int = 1  # how many `v=spf1` TXT records the domain has (RFC 7208: one)
+    zone_ttl: int = 0  # the longest other TTL of the zone apex (SOA, its minimum, NS)
 
     def spf_has(self, term: str) -> bool:
         return term in self.spf_terms
@@ -154,16 +248,20 @@ def tcp25_egress(
     rules: gateways are tried in the order written; in a gateway's filter list the first
     filter that matches a packet decides (pass: this gateway; reject: the next gateway); a
     filter that matches nothing (or is not defined) lets the packet on to the next filter;
-    a gateway without filters takes everything that reaches it.
+    a gateway without filters takes everything that reaches it (with every later unfiltered
+    gateway, which may share it: load balancing, failover).
 
     Where a filter matches only part of the traffic (or mailrec cannot tell), both outcomes
     are followed, so the answer is every gateway some client's mail may take: () means SMTP
     has no route at all. Safety (MR005) and the router driver both ask this function.
     """
     possible: list[str] = []
-    for gateway, filters in route or ():
+    entries = list(route or ())
+    for index, (gateway, filters) in enumerate(entries):
         if not filters:
-            possible.append(gateway)
+            # Several unfiltered gateways share the rest (load balancing with `weight`, or
+            # failover with `keepalive`/`hide`): each of them may carry it.
+            possible.extend(g for g, f in entries[index:] if not f)
             return tuple(dict.fromkeys(possible))
         for number in filters:
             verdict = verdicts.get(number)
@@ -218,10 +316,17 @@ class RouterFacts:
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """Facts only the journal knows: when time-gated changes happened, who acked what."""
+    """Facts only the journal knows. Every one may be missing (a lost journal, a change made
+    by hand); the gates that read them then assume the worst (docs/guarantees.md)."""
 
+    # When the MX TTL was lowered to cutover_ttl: mailrec's apply, or the first time an
+    # apply saw it lowered (by hand). None: unknown.
     mx_ttl_lowered_at: datetime | None = None
+    # When the MX was moved: mailrec's apply, or the first time an apply saw it moved.
     mx_moved_at: datetime | None = None
+    # The longest TTL the MX (or SPF) record had before the lowering, as recorded. None:
+    # no record; the MX gate then assumes the longest TTL the zone shows, or a day.
+    mx_old_ttl: int | None = None
 
 
 def _utc_epoch() -> datetime:

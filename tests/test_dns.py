@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dns.name
@@ -16,7 +17,12 @@ import dns.rrset
 import dns.zone
 import pytest
 
+from reconciler.context import Context
 from reconciler.drivers.dns import DnsError, DnsRecords, Rfc2136Dns, ZoneFileDns
+from reconciler.findings import Gate
+from reconciler.model import DesiredState, Side
+from reconciler.steps import MoveMx
+from reconciler.world import DnsFacts, History, World
 from tests import dns_server
 from tests.dns_server import (
     ZONE,
@@ -84,6 +90,8 @@ def test_zone_file_observe(zone_file: Path) -> None:
         spf_terms=ONPREM_SPF,
         spf_ttl=3600,
         soa_serial=2024010101,
+        spf_records=1,
+        zone_ttl=3600,  # the SOA's TTL (its minimum field is lower): the MX gate's worst case
     )
 
 
@@ -419,3 +427,44 @@ def test_start_named_reports_a_missing_binary(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(dns_server, "SBIN_DIRS", ())
     with pytest.raises(dns_server.NamedUnavailable, match="named not found"):
         dns_server.start_named()
+
+
+# --- the MX gate on what the real server shows (fail closed, finding 8) ----------------------
+
+GATE_NOW = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+GATE_STATE = DesiredState.model_validate({
+    "version": 1, "domain": "example.co.jp",
+    "onprem": {"connect": "local:/", "mx_host": ONPREM_MX, "public_ip": "198.51.100.10"},
+    "rental": {"mx_host": RENTAL_MX, "smtp_host": "example.sakura.ne.jp",
+               "spf": "include:_spf.example.sakura.ne.jp"},
+    "dns": {"provider": "lab", "mx": "rental"},
+})
+
+
+def _mx_gate(records: DnsRecords, history: History) -> Gate | None:
+    facts = DnsFacts(mx_hosts=records.mx_hosts, mx_ttl=records.mx_ttl,
+                     spf_terms=records.spf_terms, spf_ttl=records.spf_ttl,
+                     soa_serial=records.soa_serial, spf_records=records.spf_records,
+                     zone_ttl=records.zone_ttl)
+    world = World.build((), dns=facts, history=history, now=GATE_NOW)
+    return MoveMx(Side.RENTAL, RENTAL_MX, 3600).gate(world, Context.of(GATE_STATE))
+
+
+def test_a_ttl_lowered_by_hand_on_bind_waits_the_worst_case(bind: NamedServer) -> None:
+    """The MX TTL was lowered to 300 by hand (SPF too), and nothing recorded what it was:
+    the gate does not open one cutover TTL later, it waits at least a day from now."""
+    bind.replace("MX", 300, f"10 {ONPREM_MX}")
+    bind.replace("TXT", 300, '"' + " ".join(ONPREM_SPF) + '"', f'"{VERIFICATION}"')
+    records = client(bind).observe()
+    soa = bind.query("SOA")
+    assert soa is not None and records.zone_ttl == max(soa.ttl, soa[0].minimum)
+    gate = _mx_gate(records, History())
+    assert gate is not None and gate.kind == "observation" and gate.until is not None
+    assert datetime.fromisoformat(gate.until) >= GATE_NOW + timedelta(days=1)
+    # Lowered two hours ago by mailrec, which recorded the 86400 it replaced: still waiting.
+    recorded = History(mx_ttl_lowered_at=GATE_NOW - timedelta(hours=2), mx_old_ttl=86400)
+    gate = _mx_gate(records, recorded)
+    assert gate is not None and gate.until == (GATE_NOW + timedelta(hours=22)).isoformat()
+    # With a record of 3600, the same lowering is long enough ago.
+    short = History(mx_ttl_lowered_at=GATE_NOW - timedelta(hours=2), mx_old_ttl=3600)
+    assert _mx_gate(records, short) is None

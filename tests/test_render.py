@@ -19,16 +19,24 @@ from reconciler.model import DesiredState, Side
 from reconciler.plan import Plan, Status, make_plan
 from reconciler.render import FORMAT_VERSION, plan_json, render_json, render_markdown, render_text
 from reconciler.steps import Action, Rank, Step
-from reconciler.world import DnsFacts, History, RentalFacts, RouterFacts, UserFacts, World
+from reconciler.world import (
+    DnsFacts,
+    History,
+    Outbound,
+    RentalFacts,
+    RouterFacts,
+    UserFacts,
+    World,
+)
 
 NOW = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
 ONPREM_IP = "ip4:198.51.100.10"
 RENTAL_SPF = "include:_spf.example.sakura.ne.jp"
 WHITELIST = ipaddress.ip_network("203.0.113.8/29")
 
-ONPREM_USER = UserFacts(onprem_account=True, outbound=Side.ONPREM)
+ONPREM_USER = UserFacts(onprem_account=True, outbound=Outbound.ONPREM)
 MOVED_USER = UserFacts(route=Side.RENTAL, relay_recipient=True, rental_mailbox=True,
-                       rental_messages=0, outbound=Side.ONPREM)
+                       rental_messages=0, outbound=Outbound.ONPREM)
 
 
 def make_state(users: dict[str, tuple[str, str]], *, router: bool = False,
@@ -122,7 +130,7 @@ def mx_time_gated_plan() -> Plan:
         {"suga": MOVED_USER, "tanaka": MOVED_USER},
         dns=DnsFacts(mx=Side.ONPREM, mx_hosts=("mail.example.co.jp.",), mx_ttl=300,
                      spf_terms=("v=spf1", ONPREM_IP, RENTAL_SPF, "~all")),
-        history=History(mx_ttl_lowered_at=NOW - timedelta(minutes=10)),
+        history=History(mx_ttl_lowered_at=NOW - timedelta(minutes=10), mx_old_ttl=3600),
     )
     return plan_for(state, world)
 
@@ -180,7 +188,9 @@ def test_text_in_sync() -> None:
 def test_text_gated_manual_step_shows_instructions(router: bool, instruction: str) -> None:
     text = render_text(outbound_gated_plan(router))
     lines = text.splitlines()
-    assert re.match(r"~ outbound/suga\s+gated\s+suga sends via the rental$", lines[0])
+    mode = r"port 25 from the office, no AUTH" if router else r"submission port with AUTH"
+    assert re.match(rf"~ outbound/suga\s+gated\s+suga sends via the rental \({mode}\)$",
+                    lines[0])
     assert "mailrec ack outbound/suga" in lines[1]
     assert lines[2].lstrip().startswith("> In suga@example.co.jp's mail client")
     assert instruction in lines[2]
@@ -251,7 +261,8 @@ def test_markdown_gated_step_carries_instructions() -> None:
     row = next(r for r in rows if "`outbound/suga`" in r)
     sigil, step, status, change, why = (c.strip() for c in cells(row))
     assert (sigil, step, status, change) == (
-        "`~`", "`outbound/suga`", "⏳ gated", "suga sends via the rental")
+        "`~`", "`outbound/suga`", "⏳ gated",
+        "suga sends via the rental (port 25 from the office, no AUTH)")
     assert why.split("<br>")[0].startswith("waiting for a person")
     assert "In suga@example.co.jp's mail client" in why.split("<br>")[1]
 
@@ -311,7 +322,7 @@ def test_json_gated_step_has_gate_and_instructions() -> None:
     assert "port 587" in step["gate"]["instructions"][0]
     assert step["findings"][0]["code"] == "GATE"
     assert "mailrec ack outbound/suga" in step["findings"][0]["message"]
-    assert step["data"] == {"user": "suga", "to": "rental"}
+    assert step["data"] == {"user": "suga", "to": "submission"}
 
 
 def test_json_time_gate_has_until_and_code() -> None:

@@ -19,6 +19,7 @@ from reconciler.world import (
     DnsFacts,
     History,
     OnpremFacts,
+    Outbound,
     RentalFacts,
     RouterFacts,
     UserFacts,
@@ -27,9 +28,9 @@ from reconciler.world import (
 
 from .test_properties import BASE, OFFICE, ONPREM_MX, ONPREM_SPF, RENTAL_MX, RENTAL_SPF, START
 
-ONPREM_USER = UserFacts(onprem_account=True, outbound=Side.ONPREM)
+ONPREM_USER = UserFacts(onprem_account=True, outbound=Outbound.ONPREM)
 MIGRATED = UserFacts(route=Side.RENTAL, relay_recipient=True, rental_mailbox=True,
-                     outbound=Side.ONPREM)
+                     outbound=Outbound.ONPREM)
 POLICY_ROUTE = (("192.168.0.254", (10,)), ("tunnel 2", ()))
 
 
@@ -77,7 +78,10 @@ def status(planned_plan: Plan, step_id: str) -> Status:
 
 
 def test_every_rule_is_documented() -> None:
-    assert [f"MR{n:03d}" for n in range(1, 16)] == list(RULES)
+    # MR001.. with no gap and none reused; MR016 (open relay) and MR017 (SPF) at least.
+    codes = list(RULES)
+    assert codes == [f"MR{n:03d}" for n in range(1, len(codes) + 1)]
+    assert len(codes) >= 17
 
 
 def test_mr001_route_needs_rental_mailbox_and_domain() -> None:
@@ -123,19 +127,28 @@ def test_mr004_mx_waits_for_the_old_ttl() -> None:
     lowered = DnsFacts(mx=Side.ONPREM, mx_hosts=(ONPREM_MX,), mx_ttl=300,
                        spf_terms=("v=spf1", ONPREM_SPF, RENTAL_SPF, "~all"))
     recent = world({"suga": MIGRATED}, dns=lowered,
-                   history=History(mx_ttl_lowered_at=START - timedelta(minutes=10)))
+                   history=History(mx_ttl_lowered_at=START - timedelta(minutes=10),
+                                   mx_old_ttl=3600))
     the_plan = plan(desired, recent)
     assert status(the_plan, "dns/mx") is Status.GATED
     assert "MR004" in codes(the_plan, "dns/mx")
     gate = the_plan.get("dns/mx").gate  # type: ignore[union-attr]
     assert gate is not None and gate.until == (START + timedelta(minutes=50)).isoformat()
-    old = replace(recent, history=History(mx_ttl_lowered_at=START - timedelta(hours=2)))
+    old = replace(recent, history=History(mx_ttl_lowered_at=START - timedelta(hours=2),
+                                          mx_old_ttl=3600))
     assert status(plan(desired, old), "dns/mx") is Status.READY
+    # The TTL it was lowered from is not recorded (lowered by hand, or a lost journal): the
+    # old TTL is the worst case, a day (or longer if the zone says so), not cutover_ttl.
+    forgotten = replace(old, history=History(mx_ttl_lowered_at=START - timedelta(hours=2)))
+    forgotten_plan = plan(desired, forgotten)
+    assert status(forgotten_plan, "dns/mx") is Status.GATED
+    gate = forgotten_plan.get("dns/mx").gate  # type: ignore[union-attr]
+    assert gate is not None and gate.until == (START + timedelta(hours=22)).isoformat()
 
 
 def test_mr005_outbound_needs_whitelisted_egress_and_route() -> None:
     desired = state({"suga": ("rental", "rental")})
-    bare = world({"suga": replace(MIGRATED, outbound=Side.ONPREM)},
+    bare = world({"suga": replace(MIGRATED, outbound=Outbound.ONPREM)},
                  rental=RentalFacts(domain_accepted=True, whitelist=frozenset()))
     the_plan = plan(desired, bare)
     assert "MR005" in codes(the_plan, "outbound/suga")
@@ -146,7 +159,7 @@ def test_mr005_outbound_needs_whitelisted_egress_and_route() -> None:
     assert not fixed.get("outbound/suga").findings  # type: ignore[union-attr]
     no_route = world({"suga": MIGRATED},
                      router=RouterFacts(filters=frozenset(), default_route=(("tunnel 2", ()),)))
-    after = no_route.update_user("suga", outbound=Side.RENTAL)
+    after = no_route.update_user("suga", outbound=Outbound.RELAY)
     assert "MR005" in {f.code for f in check_world(after, Context.of(desired))}
 
 
@@ -159,7 +172,7 @@ def test_mr006_spf_before_sending_and_onprem_ip_kept() -> None:
     assert spf is not None and spf.status is Status.READY
     assert spf.step.data()["after"] == f"v=spf1 {ONPREM_SPF} {RENTAL_SPF} -all"
     ctx = Context.of(desired)
-    sending = no_rental_spf.update_user("suga", outbound=Side.RENTAL)
+    sending = no_rental_spf.update_user("suga", outbound=Outbound.RELAY)
     assert "MR006" in {f.code for f in check_world(sending, ctx)}
     dropped = replace(no_rental_spf, dns=replace(no_rental_spf.dns, spf_terms=("v=spf1", "-all")))
     assert "MR006" in {f.code for f in check_world(dropped, ctx)}  # suga still sends onprem
@@ -206,7 +219,7 @@ def test_mr010_retire_after_mx_ttl_and_quiet_period() -> None:
     desired = state({"suga": ("rental", "rental")}, dns__mx="rental", onprem__state="retired")
     moved = DnsFacts(mx=Side.RENTAL, mx_hosts=(RENTAL_MX,), mx_ttl=3600,
                      spf_terms=("v=spf1", ONPREM_SPF, RENTAL_SPF, "~all"))
-    user = replace(MIGRATED, outbound=Side.RENTAL)
+    user = replace(MIGRATED, outbound=Outbound.RELAY)
     recent_mail = world({"suga": user}, dns=moved,
                         onprem=OnpremFacts(last_mail_at=START - timedelta(hours=10)),
                         history=History(mx_moved_at=START - timedelta(days=1)))
@@ -249,18 +262,82 @@ def test_mr012_state_contradicts_itself() -> None:
 def test_mr013_no_step_leaves_a_user_without_a_mailbox() -> None:
     desired = state({"suga": ("onprem", "onprem")})
     gone = world({"suga": UserFacts(route=Side.RENTAL, relay_recipient=True,
-                                    rental_mailbox=True, outbound=Side.ONPREM)})
+                                    rental_mailbox=True, outbound=Outbound.ONPREM)})
     the_plan = plan(desired, gone)
     assert status(the_plan, "inbound/suga") is Status.REFUSED
     assert "MR013" in codes(the_plan, "inbound/suga")
 
 
-def test_mr014_and_mr015_are_reported() -> None:
+def test_mr014_an_admins_filter_number_is_refused_naming_the_line() -> None:
+    desired = state({"suga": ("onprem", "onprem")})
+    admin = RouterFacts(other_filters=frozenset({10}), default_route=(("tunnel 2", ()),),
+                        filter_lines={10: "ip filter 10 reject * * tcp * telnet"})
+    the_plan = plan(desired, world({"suga": ONPREM_USER}, router=admin))
+    assert status(the_plan, "router/filter/10") is Status.REFUSED
+    assert "MR014" in codes(the_plan, "router/filter/10")
+    assert "ip filter 10 reject * * tcp * telnet" in the_plan.get(  # type: ignore[union-attr]
+        "router/filter/10").findings[0].message
+    assert status(the_plan, "router/route/default") is not Status.READY
+    referenced = RouterFacts(default_route=(("tunnel 2", ()),),
+                             references={10: ("ip lan2 secure filter in 10 1011",)})
+    the_plan = plan(desired, world({"suga": ONPREM_USER}, router=referenced))
+    assert status(the_plan, "router/filter/10") is Status.REFUSED
+    assert "ip lan2 secure filter in 10 1011" in the_plan.get(  # type: ignore[union-attr]
+        "router/filter/10").findings[0].message
+    free = RouterFacts(default_route=(("tunnel 2", ()),))
+    assert status(plan(desired, world({"suga": ONPREM_USER}, router=free)),
+                  "router/filter/10") is Status.READY
+
+
+def test_mr015_unmanaged_accounts_are_reported() -> None:
     desired = state({"suga": ("rental", "onprem")})
     observed = world({"suga": ONPREM_USER, "info": ONPREM_USER})
     the_plan = plan(desired, observed)
     assert any(f.code == "MR015" and "info" in f.message for f in the_plan.findings)
-    assert RULES["MR014"]
+
+
+def test_mr016_an_open_relay_is_never_added() -> None:
+    desired = state({"suga": ("onprem", "onprem")}, rental__whitelist=["0.0.0.0/0"])
+    the_plan = plan(desired, world({"suga": ONPREM_USER}))
+    assert status(the_plan, "whitelist/0.0.0.0/0") is Status.REFUSED
+    assert "MR016" in codes(the_plan, "whitelist/0.0.0.0/0")
+    assert "MR016" in {f.code for f in static_findings(desired)}
+
+
+def test_mr017_spf_for_everyone_is_never_written() -> None:
+    desired = state({"suga": ("rental", "rental")}, rental__spf="ip4:0.0.0.0/0")
+    observed = world({"suga": MIGRATED}, dns=DnsFacts(
+        mx=Side.ONPREM, mx_hosts=(ONPREM_MX,), spf_terms=("v=spf1", ONPREM_SPF, "~all")))
+    the_plan = plan(desired, observed)
+    assert status(the_plan, "dns/spf") is Status.REFUSED
+    assert "MR017" in codes(the_plan, "dns/spf")
+    two = replace(observed.dns, spf_records=2)
+    assert "MR017" in {f.code for f in check_world(replace(observed, dns=two),
+                                                   Context.of(desired))}
+
+
+def test_mr018_a_drifted_route_is_found_and_repaired() -> None:
+    desired = state({"suga": ("rental", "onprem")})
+    drifted = world({"suga": replace(MIGRATED, route_drift=True)})
+    assert "MR018" in {f.code for f in check_world(drifted, Context.of(desired))}
+    the_plan = plan(desired, drifted)
+    assert status(the_plan, "inbound/suga") is Status.READY
+    assert the_plan.exit_code == 3  # the world is unsafe until the repair is applied
+
+
+def test_a_violation_already_present_blocks_what_would_make_it_worse() -> None:
+    """suga is routed to the rental without a mailbox the rental confirms (MR001): the MX
+    may not move (MR003 would grow), whatever the TTL gate says."""
+    desired = state({"suga": ("rental", "onprem")}, dns__mx="rental")
+    lowered = DnsFacts(mx=Side.ONPREM, mx_hosts=(ONPREM_MX,), mx_ttl=300,
+                       spf_terms=("v=spf1", ONPREM_SPF, RENTAL_SPF, "~all"))
+    broken = world({"suga": replace(MIGRATED, rental_mailbox=False)}, dns=lowered,
+                   history=History(mx_ttl_lowered_at=START - timedelta(days=2), mx_old_ttl=3600))
+    ctx = Context.of(desired, instructor=lambda kind, action, target: "create it by hand")
+    the_plan = make_plan(desired, broken, diff(desired, broken, ctx), ctx)
+    assert status(the_plan, "mailbox/suga") is Status.GATED  # a person creates it
+    assert status(the_plan, "dns/mx") is not Status.READY
+    assert "MR003" in codes(the_plan, "dns/mx")
 
 
 @pytest.mark.parametrize("egress,ok", [("203.0.113.9", True), ("198.51.100.99", False)])

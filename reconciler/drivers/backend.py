@@ -26,9 +26,11 @@ from reconciler.drivers.rental.base import (
     RentalProvider,
     RentalSnapshot,
 )
+from reconciler.drivers.rental.manual import ManualProvider
 from reconciler.drivers.rental.registry import load_provider, provider_class
 from reconciler.drivers.router import LabRouter, RouterDriver, RtxRouter
 from reconciler.lab.layout import LabLayout
+from reconciler.lab.office import OFFICE_ADDRESS, office_seen_as
 from reconciler.model import DesiredState, Rental, Side
 from reconciler.observe import JournalView, build_world
 from reconciler.secrets import resolve_secret
@@ -129,6 +131,8 @@ class SystemBackend:
                 state_dir=state_dir,
                 known_hosts=known_hosts,
                 users=tuple(sorted(state.users)),
+                # In the lab, relay probes leave from the office (see lab/office.py).
+                probe_source=OFFICE_ADDRESS if lab is not None else None,
                 services=services,
             ),
         )
@@ -179,6 +183,9 @@ class SystemBackend:
         self, now: datetime
     ) -> tuple[PostfixFacts, RentalSnapshot, DnsRecords, object]:
         postfix = self.onprem.observe(now)
+        if self.lab is not None and isinstance(self.rental, ManualProvider):
+            # The lab network knows which line the office's probe leaves through now.
+            self.rental.probe_egress_ip = office_seen_as(self.lab)
         rental = self.rental.observe()
         records = self.dns.observe()
         router = self.router.observe() if self.router else None

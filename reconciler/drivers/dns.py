@@ -45,6 +45,8 @@ class DnsRecords:
     spf_terms: tuple[str, ...]
     spf_ttl: int
     soa_serial: int
+    spf_records: int = 1  # how many TXT records of the apex start with v=spf1
+    zone_ttl: int = 0  # the SOA record's TTL or its minimum (negative-caching) field
 
 
 def _txt_text(rdata: object) -> str:
@@ -52,22 +54,31 @@ def _txt_text(rdata: object) -> str:
     return "".join(s.decode() for s in strings)
 
 
+def _is_spf(text: str) -> bool:
+    return text.lower() == "v=spf1" or text.lower().startswith("v=spf1 ")
+
+
 def records_from(
-    mx: dns.rrset.RRset | None, txt: dns.rrset.RRset | None, serial: int
+    mx: dns.rdataset.Rdataset | None, txt: dns.rdataset.Rdataset | None,
+    soa: dns.rdataset.Rdataset | None,
 ) -> DnsRecords:
     hosts = tuple(sorted(r.exchange.to_text().lower() for r in mx)) if mx else ()
     spf = ""
+    records = 0
     if txt:
         for rdata in txt:
             text = _txt_text(rdata)
-            if text.lower().startswith("v=spf1"):
+            if _is_spf(text):
                 spf = text
+                records += 1
     return DnsRecords(
         mx_hosts=hosts,
         mx_ttl=mx.ttl if mx else 0,
         spf_terms=tuple(spf.split()),
         spf_ttl=txt.ttl if txt else 0,
-        soa_serial=serial,
+        soa_serial=soa[0].serial if soa else 0,
+        spf_records=records,
+        zone_ttl=max(soa.ttl, soa[0].minimum) if soa else 0,
     )
 
 
@@ -97,10 +108,7 @@ class ZoneFileDns:
         mx = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.MX) if node else None
         txt = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.TXT) if node else None
         soa = zone.get_rdataset(self.origin, dns.rdatatype.SOA)
-        serial = soa[0].serial if soa else 0
-        mx_set = dns.rrset.from_rdata_list(self.origin, mx.ttl, list(mx)) if mx else None
-        txt_set = dns.rrset.from_rdata_list(self.origin, txt.ttl, list(txt)) if txt else None
-        return records_from(mx_set, txt_set, serial)
+        return records_from(mx, txt, soa)
 
     def _write(self, zone: dns.zone.Zone) -> None:
         soa = zone.find_rdataset(self.origin, dns.rdatatype.SOA)
@@ -142,7 +150,7 @@ class ZoneFileDns:
         zone = self._load()
         node = zone.find_node(self.origin, create=True)
         txt = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.TXT)
-        keep = [r for r in txt if not _txt_text(r).lower().startswith("v=spf1")] if txt else []
+        keep = [r for r in txt if not _is_spf(_txt_text(r))] if txt else []
         keep.append(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, _spf_rdata(terms)))
         zone.replace_rdataset(self.origin, dns.rdataset.from_rdata_list(ttl, keep))
         self._write(zone)
@@ -178,9 +186,7 @@ class Rfc2136Dns:
         soa = self._query(dns.rdatatype.SOA)
         if soa is None:
             raise DnsError(f"{self.server}:{self.port} is not authoritative for {self.origin}")
-        return records_from(
-            self._query(dns.rdatatype.MX), self._query(dns.rdatatype.TXT), soa[0].serial
-        )
+        return records_from(self._query(dns.rdatatype.MX), self._query(dns.rdatatype.TXT), soa)
 
     def _send(self, update: dns.update.UpdateMessage, what: str) -> None:
         where = f"{self.server}:{self.port}"
@@ -245,9 +251,7 @@ class Rfc2136Dns:
 
     def set_spf(self, terms: tuple[str, ...], ttl: int) -> None:
         update, current = self._guarded(dns.rdatatype.TXT)
-        keep = [
-            r for r in current or () if not _txt_text(r).lower().startswith("v=spf1")
-        ]
+        keep = [r for r in current or () if not _is_spf(_txt_text(r))]
         keep.append(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, _spf_rdata(terms)))
         update.replace(self.origin, ttl, *keep)
         self._send(update, "SPF TXT")

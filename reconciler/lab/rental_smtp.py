@@ -45,7 +45,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from reconciler.drivers.rental.base import IpNetwork, ProviderError
+from reconciler.drivers.rental.base import IpAddress, IpNetwork, ProviderError
 from reconciler.drivers.rental.lab import (
     Address,
     parse_address,
@@ -55,6 +55,7 @@ from reconciler.drivers.rental.lab import (
     read_whitelist,
 )
 from reconciler.lab.layout import LabLayout
+from reconciler.lab.office import OFFICE_ADDRESS, office_seen_as
 
 OUTGOING_DIR = "outgoing"  # under rental/: the spool of "relayed" (external) messages
 SERVER_NAME = "smtp.rental.lab"
@@ -118,6 +119,7 @@ class _RentalView:
     domains: frozenset[str]
     mailboxes: frozenset[Address]
     whitelist: frozenset[IpNetwork]
+    office: IpAddress | None = None  # what the lab office's traffic is seen as (NAT)
 
     @staticmethod
     def load(layout: LabLayout) -> _RentalView:
@@ -125,14 +127,22 @@ class _RentalView:
             read_domains(layout.rental_domains),
             read_mailboxes(layout.rental_mailboxes),
             read_whitelist(layout.rental_whitelist),
+            office_seen_as(layout) if layout.router_config.exists() else None,
         )
 
-    def whitelisted(self, peer_ip: str) -> bool:
+    def seen_as(self, peer_ip: str) -> IpAddress | None:
+        """The client's address as the Internet sees it: the lab office leaves through the
+        router's line (None: more than one line is possible, so no whitelist entry applies)."""
+        if peer_ip == OFFICE_ADDRESS:
+            return self.office
         try:
-            address = ipaddress.ip_address(peer_ip)
+            return ipaddress.ip_address(peer_ip)
         except ValueError:
-            return False
-        return any(address in network for network in self.whitelist)
+            return None
+
+    def whitelisted(self, peer_ip: str) -> bool:
+        address = self.seen_as(peer_ip)
+        return address is not None and any(address in network for network in self.whitelist)
 
 
 class _Store:

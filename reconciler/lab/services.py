@@ -22,6 +22,7 @@ from typing import Any
 
 from reconciler.lab.init import ADDRESSES
 from reconciler.lab.layout import LabLayout
+from reconciler.lab.office import write_lines
 
 
 class LabServiceError(RuntimeError):
@@ -85,6 +86,7 @@ def start_services(layout: LabLayout) -> dict[str, str]:
         stop_services(layout)
     pids: dict[str, int] = {}
     services: dict[str, str] = {}
+    write_lines(layout)  # which public address each router line sends from (the office NAT)
     try:
         rental_host = ADDRESSES["rental"]
         relay, submission = _free_port(rental_host), _free_port(rental_host)

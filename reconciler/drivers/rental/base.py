@@ -22,6 +22,7 @@ from typing import ClassVar
 from reconciler.model import Rental
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Capability(StrEnum):
@@ -38,7 +39,12 @@ class RentalSnapshot:
     domain_accepted: bool
     mailboxes: dict[str, int | None]  # local part -> messages held (None: unknown)
     whitelist: frozenset[IpNetwork]
-    notes: tuple[str, ...] = ()  # what could not be verified, for `status`
+    notes: tuple[str, ...] = ()  # what could not be verified, for `plan` and `status`
+    # The whitelist was read from the rental itself; False when it is the state file's or
+    # an admin's file (declared, not observed: safety may not rely on it).
+    whitelist_verified: bool = True
+    # Relay probes made: (the address the rental saw, whether it relayed without AUTH).
+    relay_checks: tuple[tuple[IpAddress, bool], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -270,23 +270,29 @@ class ManualProvider(RentalProvider):
         else:
             origin = "rental.whitelist as declared"
         seen_as = self.probe_egress_ip or self.probe_source
+        checks: tuple[tuple[IpAddress, bool], ...] = ()
         if seen_as is None:
             notes.append(
-                f"relay whitelist not verified ({origin}): no probe source address is set"
+                f"relay whitelist not verified ({origin}): no probe source address is set, so "
+                "safety counts no address as whitelisted"
             )
         else:
             relayed = self.probe_relay(str(self.probe_source) if self.probe_source else None)
+            checks = ((seen_as, relayed),)
             whitelist, disagreed = merge_whitelist(
                 whitelist, self.config.whitelist, seen_as, relayed
             )
             notes.extend(disagreed)
-            if self.whitelist_file is None:
-                notes.append(f"relay whitelist from {origin}; only {seen_as} is verified by probe")
+            notes.append(f"relay whitelist from {origin}: not verified, except {seen_as} "
+                         f"({'relayed' if relayed else 'refused'} by probe)")
         return RentalSnapshot(
             domain_accepted=bool(probe.domain_accepted),
             mailboxes=mailboxes,
             whitelist=whitelist,
             notes=tuple(notes),
+            # A panel cannot be read: the listed whitelist is what someone wrote down.
+            whitelist_verified=False,
+            relay_checks=checks,
         )
 
     def read_mailboxes_file(self) -> frozenset[str] | None:

@@ -1,0 +1,29 @@
+"""The steps a plan is made of, by system (see `base.Step` for the contract)."""
+
+from reconciler.steps.base import VERIFIED_USER_FIELDS, Action, Rank, Step
+from reconciler.steps.dns import MoveMx, SetMxTtl, SetSpf
+from reconciler.steps.onprem import EnableRecipientMap, RetireOnprem
+from reconciler.steps.rental import ChangeWhitelist
+from reconciler.steps.router import SetDefaultRoute, SetRouterFilter
+from reconciler.steps.timing import resolver_hold
+from reconciler.steps.users import CreateMailbox, MoveInbound, MoveOutbound, RemoveOnpremMailbox
+
+__all__ = [
+    "VERIFIED_USER_FIELDS",
+    "Action",
+    "ChangeWhitelist",
+    "CreateMailbox",
+    "EnableRecipientMap",
+    "MoveInbound",
+    "MoveMx",
+    "MoveOutbound",
+    "Rank",
+    "RemoveOnpremMailbox",
+    "RetireOnprem",
+    "SetDefaultRoute",
+    "SetMxTtl",
+    "SetRouterFilter",
+    "SetSpf",
+    "Step",
+    "resolver_hold",
+]
