@@ -1,6 +1,10 @@
 """Load the desired state: a YAML file or a directory of them (merged by top-level key), or
 the same from a git commit; every error names file, line, column and field.
 
+The flow: read the files here -> `yaml_guard` composes each and checks its size, depth and
+alias expansion -> construct -> merge by top-level key -> pydantic (`model`) validates; the
+errors of every stage become `Problem`s here, with positions and did-you-mean hints.
+
 Nothing is changed anywhere when loading fails: the CLI exits 1 before observing.
 """
 
@@ -20,12 +24,15 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.composer import MaxDepthExceededError
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 
+from reconciler import yaml_guard
 from reconciler.model import FIELD_ERROR, DesiredState
+from reconciler.yaml_guard import MAX_ALIAS_NODES as MAX_ALIAS_NODES  # re-exported (was here)
+from reconciler.yaml_guard import MAX_DEPTH as MAX_DEPTH  # re-exported (was defined here)
+from reconciler.yaml_guard import MAX_FILE_BYTES, LimitExceeded, too_large
 
 
 @dataclass(frozen=True)
@@ -48,13 +55,6 @@ class StateError(ValueError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
-
-
-# Limits on what a state file may ask the loader to do (checked before anything is expanded):
-# a state file that validates must also be one that mailrec can hold in memory and apply.
-MAX_FILE_BYTES = 32 * 1024 * 1024  # per file
-MAX_DEPTH = 64  # nesting of mappings and sequences, aliases expanded (a real state needs 4)
-MAX_ALIAS_NODES = 1_000_000  # nodes that aliases add when expanded (a "billion laughs" bomb)
 
 
 # Source of each top-level key: key -> (file name, the parsed document holding it).
@@ -99,204 +99,22 @@ _KEY_HINTS = {
 def _yaml() -> YAML:
     yaml = YAML(typ="rt")
     yaml.allow_duplicate_keys = False
-    # The composer stops here before recursing deeper (ruamel >= 0.18.7; older versions
-    # ignore it, and the graph check below still holds the limit).
-    yaml.max_depth = MAX_DEPTH
-    return yaml
-
-
-def _check_graph(root: Node | None, name: str) -> None:
-    """Reject a composed document whose expansion would be too deep or too large, before it
-    is expanded: the composer shares one node per anchor (an alias is the same object), so a
-    walk with sizes memoised per anchored node is linear in the file, not in the expansion."""
-    if root is None:
-        return
-    done: dict[int, tuple[int, int]] = {}  # id(anchored node) -> (expanded size, height)
-    open_anchors: set[int] = set()
-    added = 0  # nodes the aliases add to the expansion so far
-    # Frames: [node, children, next index, size so far, height so far, depth, use mark].
-    stack: list[list[Any]] = []
-
-    def problem(mark: Any, message: str) -> StateError:
-        line = mark.line + 1 if mark is not None else 0
-        col = mark.column + 1 if mark is not None else 0
-        return StateError([Problem(name, line, col, "", message)])
-
-    def enter(node: Node, depth: int, use: Any) -> tuple[int, int] | None:
-        """Push node, or return (size, height) at once for a scalar or an alias."""
-        nonlocal added
-        key = id(node)
-        if key in open_anchors:
-            raise problem(use, f"YAML alias *{node.anchor} refers to the collection it is in "
-                               f"(&{node.anchor} at line {node.start_mark.line + 1}): a "
-                               "recursive structure cannot be a state")
-        if key in done:
-            size, height = done[key]
-            added += size
-            if added > MAX_ALIAS_NODES:
-                raise problem(use, f"YAML aliases expand to more than {MAX_ALIAS_NODES:,} nodes "
-                                   f"(here *{node.anchor}, anchored &{node.anchor} at line "
-                                   f"{node.start_mark.line + 1}, is {size:,} nodes): refusing "
-                                   "to expand (a 'billion laughs' alias bomb?)")
-            if depth + height - 1 > MAX_DEPTH:
-                raise problem(use, f"YAML nesting deeper than {MAX_DEPTH} levels once alias "
-                                   f"*{node.anchor} is expanded")
-            return size, height
-        if depth > MAX_DEPTH:
-            raise problem(node.start_mark, f"YAML nesting deeper than {MAX_DEPTH} levels")
-        if isinstance(node, MappingNode):
-            children = [n for pair in node.value for n in pair]
-        elif isinstance(node, SequenceNode):
-            children = list(node.value)
-        else:
-            if node.anchor is not None:
-                done[key] = (1, 1)
-            return 1, 1
-        if node.anchor is not None:
-            open_anchors.add(key)
-        stack.append([node, children, 0, 1, 1, depth, use])
-        return None
-
-    result = enter(root, 1, root.start_mark)
-    while stack:
-        frame = stack[-1]
-        node, children, index = frame[0], frame[1], frame[2]
-        if index < len(children):
-            frame[2] = index + 1
-            child = children[index]
-            # Where an alias is used: its key's line in a mapping, else the collection's.
-            use = (children[index - 1].start_mark
-                   if isinstance(node, MappingNode) and index % 2 else node.start_mark)
-            result = enter(child, frame[5] + 1, use)
-            if result is not None:
-                frame[3] += result[0]
-                frame[4] = max(frame[4], result[1] + 1)
-            continue
-        stack.pop()
-        size, height = frame[3], frame[4]
-        if node.anchor is not None:
-            open_anchors.discard(id(node))
-            done[id(node)] = (size, height)
-        if stack:
-            stack[-1][3] += size
-            stack[-1][4] = max(stack[-1][4], height + 1)
-
-
-def _flow_depth_mark(text: str) -> tuple[int, int] | None:
-    """(line, column), 0-based, of the first flow collection (`[`, `{`) nested deeper than
-    MAX_DEPTH, or None. ruamel's scanner is quadratic in the number of flow collections open
-    on one line (about 5 s for 1,000 `[`), so that case is found here first, by a small
-    lexer that knows quotes, comments and block scalars; the composer checks every other
-    kind of nesting itself."""
-    if not any(line.count("[") + line.count("{") > MAX_DEPTH for line in text.splitlines()):
-        return None  # the common case: nothing to look at
-    size = len(text)
-    depth = line = column = index = line_indent = 0
-    node_may_start = True  # after "key:", "- ", "[", "{", "," or at a line start
-
-    def indent_at(start: int) -> int:
-        end = start
-        while end < size and text[end] == " ":
-            end += 1
-        return end - start
-
-    while index < size:
-        char = text[index]
-        ahead = text[index + 1] if index + 1 < size else "\n"
-        step = 1
-        if char == "\n":
-            line, column, index = line + 1, 0, index + 1
-            node_may_start = True
-            line_indent = indent_at(index)
-            continue
-        if char in " \t":
-            pass
-        elif char == "#" and (column == 0 or text[index - 1] in " \t"):
-            end = text.find("\n", index)
-            step = (size if end < 0 else end) - index
-        elif node_may_start and char in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                return line, column
-        elif node_may_start and char in "\"'":
-            end = index + 1
-            while end < size:
-                if char == '"' and text[end] == "\\":
-                    end += 2
-                    continue
-                if text[end] == char:
-                    if char == "'" and text[end + 1:end + 2] == "'":
-                        end += 2
-                        continue
-                    break
-                end += 1
-            quoted = text[index:end + 1]
-            newlines = quoted.count("\n")
-            if newlines:
-                line += newlines
-                column = len(quoted) - quoted.rfind("\n") - 1
-            else:
-                column += len(quoted)
-            index = end + 1
-            node_may_start = False
-            continue
-        elif node_may_start and char in "|>" and depth == 0:
-            # A block scalar: skip its lines (blank, or indented more than this line's key).
-            end = text.find("\n", index)
-            while end >= 0:
-                following = text.find("\n", end + 1)
-                body = text[end + 1:following if following >= 0 else size]
-                if body.strip() and indent_at(end + 1) <= line_indent:
-                    break
-                line += 1
-                end = following
-            index, column = (size if end < 0 else end), 0
-            continue
-        elif char in "]}" and depth:
-            depth -= 1
-            node_may_start = False
-        else:
-            # A node may start after "," in a flow collection, "- ", "? ", ": " (or ":" in a
-            # flow collection); anything else is inside a plain scalar.
-            node_may_start = bool(
-                (char == "," and depth)
-                or (char in "-?:" and (ahead in " \t\n" or (depth and char == ":")))
-            )
-        index, column = index + step, column + step
-    return None
+    return yaml_guard.limit_depth(yaml)
 
 
 def _compose_and_construct(text: str, name: str) -> Any:
-    """YAML.load, with the limits checked between composing and constructing."""
-    if len(text) > MAX_FILE_BYTES:
-        raise StateError([Problem(name, 0, 0, "", _too_large(len(text)))])
-    deep = _flow_depth_mark(text)
-    if deep is not None:
-        raise StateError([Problem(name, deep[0] + 1, deep[1] + 1, "",
-                                  f"YAML nesting deeper than {MAX_DEPTH} levels")])
+    """YAML.load, with the limits (`yaml_guard`) checked between composing and constructing."""
     yaml = _yaml()
-    node = yaml.compose(text)
-    _check_graph(node, name)
+    try:
+        node = yaml_guard.compose(yaml, text)
+    except LimitExceeded as exc:
+        raise StateError([Problem(name, exc.line, exc.column, "", exc.message)]) from None
     return yaml.constructor.construct_document(node) if node is not None else None
-
-
-def _too_large(size: int) -> str:
-    return (f"the file is {size / 1024 / 1024:.1f} MiB: a state file may be at most "
-            f"{MAX_FILE_BYTES // 1024 // 1024} MiB")
 
 
 def _parse(text: str, name: str) -> Any:
     try:
         return _compose_and_construct(text, name)
-    except MaxDepthExceededError as exc:
-        mark = exc.problem_mark
-        line = mark.line + 1 if mark else 0
-        col = mark.column + 1 if mark else 0
-        raise StateError([Problem(name, line, col, "",
-                                  f"YAML nesting deeper than {MAX_DEPTH} levels")]) from None
-    except RecursionError:  # an old ruamel without max_depth: no place to name
-        raise StateError([Problem(name, 0, 0, "",
-                                  f"YAML nesting deeper than {MAX_DEPTH} levels")]) from None
     except DuplicateKeyError as exc:
         # Never show ruamel's message: it quotes both values, and the value may be a secret.
         mark = exc.problem_mark
@@ -579,13 +397,13 @@ def _read(file: Path) -> str:
         with file.open("rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > MAX_FILE_BYTES:
-                raise StateError([Problem(str(file), 0, 0, "", _too_large(size))])
+                raise StateError([Problem(str(file), 0, 0, "", too_large(size))])
             chunks: list[bytes] = []
             total = 0
             while chunk := handle.read(1 << 20):
                 total += len(chunk)
                 if total > MAX_FILE_BYTES:
-                    raise StateError([Problem(str(file), 0, 0, "", _too_large(total))])
+                    raise StateError([Problem(str(file), 0, 0, "", too_large(total))])
                 chunks.append(chunk)
         return b"".join(chunks).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -625,7 +443,7 @@ def load_from_git(repo: Path, ref: str, subpath: str = "state") -> LoadedState:
     for blob in blobs:
         name = f"{ref[:12]}:{blob.path}"
         if blob.size > MAX_FILE_BYTES:
-            raise StateError([Problem(name, 0, 0, "", _too_large(blob.size))])
+            raise StateError([Problem(name, 0, 0, "", too_large(blob.size))])
         try:
             texts.append((name, blob.data_stream.read().decode("utf-8")))
         except UnicodeDecodeError as exc:

@@ -3,7 +3,9 @@ mailboxes and Dovecot), driven over one SSH connection.
 
 Sits between the executor and `reconciler.transport`: the executor calls `observe()` and the
 change methods; this module turns them into argv commands and atomic file writes on the VPS.
-Everything it reads is parsed by the pure functions at the top (tested against real output).
+Everything it reads is parsed, and every file it writes rendered, by the pure functions of
+`vps_files` (tested against real output); the hash doveadm returns for a new login is checked
+against the password by `crypt`, never passed to a command.
 
 Files it owns on the VPS (paths are options, see docs/providers/ssh.md):
 - the virtual mailbox map source (`virtual_mailbox_maps`), one `user@domain  domain/user/` line
@@ -16,14 +18,12 @@ Every change is: write (temp file + rename, previous kept as `.bak`), `postmap`,
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import logging
 import posixpath
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +37,22 @@ from reconciler.drivers.rental.base import (
     RentalProvider,
     RentalSnapshot,
 )
+from reconciler.drivers.rental.crypt import sha512_crypt, verify_sha512_crypt
+from reconciler.drivers.rental.vps_files import (
+    count_messages,
+    map_source_with,
+    map_source_without,
+    parse_map_source,
+    parse_mynetworks,
+    parse_network,
+    parse_passwd_users,
+    parse_postconf,
+    passwd_with,
+    passwd_without,
+    postfix_network,
+    render_mynetworks,
+    split_list,
+)
 from reconciler.model import SECRET_RE, USER_NAME_RE, Connect, Rental
 from reconciler.transport import (
     Transport,
@@ -46,6 +62,16 @@ from reconciler.transport import (
     safe_path,
 )
 
+# The provider's own names, and those of `crypt` and `vps_files` (defined here before they
+# moved; tests and plug-ins import them from this module).
+__all__ = [
+    "DOMAIN_RE", "OPTION_DEFAULTS", "PostfixProgram", "SshOptions", "SshProvider", "VpsState",
+    "count_messages", "map_source_with", "map_source_without", "parse_map_source",
+    "parse_mynetworks", "parse_network", "parse_passwd_users", "parse_postconf", "passwd_with",
+    "passwd_without", "postfix_network", "render_mynetworks", "sha512_crypt", "split_list",
+    "verify_sha512_crypt",
+]
+
 log = logging.getLogger(__name__)
 
 DOMAIN_RE: Final = re.compile(
@@ -54,16 +80,6 @@ DOMAIN_RE: Final = re.compile(
 _OWNER_RE: Final = re.compile(r"^(\d{1,10}):(\d{1,10})$")
 _STATIC_RE: Final = re.compile(r"^static:(\d{1,10})$")
 _HASH_RE: Final = re.compile(r"^\{SHA512-CRYPT\}\$6\$[A-Za-z0-9./$]+$")
-_HASH_SCHEME: Final = "{SHA512-CRYPT}"
-# glibc's SHA-512 crypt ("$6$"): `$6$[rounds=N$]SALT$HASH`, salt at most 16 characters.
-_SHA512_CRYPT_RE: Final = re.compile(
-    r"^\$6\$(?:rounds=(\d{1,9})\$)?([./0-9A-Za-z]{0,16})\$([./0-9A-Za-z]{86})$"
-)
-_CRYPT_ALPHABET: Final = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_SHA512_CRYPT_ROUNDS: Final = (5000, 1000, 999_999_999)  # default, min, max
-# verify_sha512_crypt refuses more (doveadm writes the default 5000): a hash read from a host
-# must not make mailrec compute for hours.
-_VERIFY_MAX_ROUNDS: Final = 1_000_000
 # The Postfix programs this provider runs; each gets `-c postfix_dir` (see `_postfix`).
 PostfixProgram = Literal["postconf", "postmap", "postfix", "postqueue", "postsuper"]
 # Map types `postmap` compiles; texthash is read directly (reload picks it up).
@@ -77,10 +93,6 @@ _POSTCONF_PARAMS: Final = (
     "mynetworks",
     "virtual_uid_maps",
     "virtual_gid_maps",
-)
-_MYNETWORKS_HEADER: Final = (
-    "# Managed by mailrec (rental.whitelist in the state repository): hosts allowed to\n"
-    "# relay through this server on port 25 without authentication. Edits are overwritten.\n"
 )
 
 OPTION_DEFAULTS: Final[Mapping[str, str | None]] = {
@@ -96,209 +108,6 @@ OPTION_DEFAULTS: Final[Mapping[str, str | None]] = {
     "password_dir": "/var/lib/mailrec/initial-passwords",
     "mail_owner": None,  # uid:gid; default from main.cf virtual_uid_maps/virtual_gid_maps
 }
-
-
-# --- pure parsing / rendering (no I/O) --------------------------------------------------
-
-
-def parse_postconf(text: str) -> dict[str, str]:
-    """`postconf` output (`name = value` lines) as a dict."""
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        name, sep, value = line.partition("=")
-        if sep:
-            values[name.strip()] = value.strip()
-    return values
-
-
-def split_list(value: str) -> list[str]:
-    """A Postfix list parameter: items separated by commas and/or whitespace."""
-    return [item for item in re.split(r"[\s,]+", value) if item]
-
-
-def _logical_lines(text: str) -> list[list[str]]:
-    """Postfix table-source lines: a line starting with whitespace continues the previous one."""
-    entries: list[list[str]] = []
-    for line in text.splitlines():
-        if line[:1].isspace() and line.strip() and entries and not entries[-1][0].startswith("#"):
-            entries[-1].append(line)
-        else:
-            entries.append([line])
-    return entries
-
-
-def parse_map_source(text: str) -> dict[str, str]:
-    """A `postmap` source file (`key value` lines, `#` comments) as a dict."""
-    result: dict[str, str] = {}
-    for entry in _logical_lines(text):
-        joined = " ".join(part.strip() for part in entry).strip()
-        if not joined or joined.startswith("#"):
-            continue
-        fields = joined.split(None, 1)
-        result[fields[0].lower()] = fields[1].strip() if len(fields) > 1 else ""
-    return result
-
-
-def map_source_with(text: str, key: str, value: str) -> str:
-    """The map source with `key` set to `value` (added at the end, other lines kept as is)."""
-    kept = map_source_without(text, key)
-    if kept and not kept.endswith("\n"):
-        kept += "\n"
-    return f"{kept}{key}\t{value}\n"
-
-
-def map_source_without(text: str, key: str) -> str:
-    out: list[str] = []
-    for entry in _logical_lines(text):
-        first = entry[0].strip()
-        if first and not first.startswith("#") and first.split()[0].lower() == key.lower():
-            continue
-        out.extend(entry)
-    return "\n".join(out) + ("\n" if out else "")
-
-
-def parse_passwd_users(text: str) -> set[str]:
-    """User names (first field) of a Dovecot passwd-file; never keeps the hashes."""
-    users: set[str] = set()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and ":" in line:
-            users.add(line.split(":", 1)[0].lower())
-    return users
-
-
-def passwd_without(text: str, user: str) -> str:
-    lines = [
-        line
-        for line in text.splitlines()
-        if line.split(":", 1)[0].strip().lower() != user.lower() or line.lstrip().startswith("#")
-    ]
-    return "\n".join(lines) + ("\n" if lines else "")
-
-
-def passwd_with(text: str, line: str) -> str:
-    if text and not text.endswith("\n"):
-        text += "\n"
-    return text + line + "\n"
-
-
-def parse_network(token: str) -> IpNetwork:
-    """A Postfix network pattern (`192.0.2.0/24`, `[2001:db8::]/32`, `192.0.2.1`)."""
-    address, sep, prefix = token.partition("/")
-    address = address.strip("[]")
-    return ipaddress.ip_network(f"{address}{sep}{prefix}", strict=True)
-
-
-def parse_mynetworks(text: str) -> tuple[frozenset[IpNetwork], tuple[str, ...]]:
-    """The networks in a mynetworks file, and the tokens that are not networks."""
-    networks: set[IpNetwork] = set()
-    other: list[str] = []
-    for line in text.splitlines():
-        for token in split_list(line.split("#", 1)[0]):
-            try:
-                networks.add(parse_network(token))
-            except ValueError:
-                other.append(token)
-    return frozenset(networks), tuple(other)
-
-
-def postfix_network(network: IpNetwork) -> str:
-    # Postfix wants IPv6 networks in brackets in mynetworks.
-    if network.version == 6:
-        return f"[{network.network_address}]/{network.prefixlen}"
-    return str(network)
-
-
-def render_mynetworks(networks: Iterable[IpNetwork]) -> str:
-    ordered = sorted(networks, key=lambda n: (n.version, n.network_address, n.prefixlen))
-    return _MYNETWORKS_HEADER + "".join(f"{postfix_network(n)}\n" for n in ordered)
-
-
-def count_messages(find_output: bytes, maildirs: Mapping[str, str]) -> dict[str, int]:
-    """Messages per mailbox from `find DIR -type f (-path */new/* -o -path */cur/*) -printf %P\\0`.
-
-    `maildirs` maps an address to its Maildir relative to DIR. A file belongs to the
-    Maildir that is a prefix of its path, so Maildir++ subfolders (`.Sent/cur/...`) count too.
-    """
-    by_dir = {rel.strip("/"): address for address, rel in maildirs.items()}
-    counts = dict.fromkeys(maildirs, 0)
-    for raw in find_output.split(b"\0"):
-        if not raw:
-            continue
-        parts = raw.decode("utf-8", "replace").split("/")
-        if len(parts) < 2 or parts[-2] not in ("new", "cur"):
-            continue
-        for depth in range(1, len(parts) - 1):
-            address = by_dir.get("/".join(parts[:depth]))
-            if address is not None:
-                counts[address] += 1
-                break
-    return counts
-
-
-def sha512_crypt(password: str, salt: str, rounds: int | None = None) -> str:
-    """glibc's SHA-512 crypt (`$6$`, Drepper's "Unix crypt using SHA-256 and SHA-512"), what
-    `doveadm pw -s SHA512-CRYPT` writes after its `{SHA512-CRYPT}` prefix.
-
-    Here so a hash can be checked against the password without handing the hash to a command
-    (`doveadm pw -t HASH` would put it in argv, which `ps` shows); the `crypt` module is gone
-    from Python 3.13. `rounds=None` is the default 5000, written without `rounds=`.
-    """
-    if any(ch not in _CRYPT_ALPHABET for ch in salt):
-        raise ValueError("a crypt salt is made of [./0-9A-Za-z]")
-    default, low, high = _SHA512_CRYPT_ROUNDS
-    count = default if rounds is None else min(max(rounds, low), high)
-    key = password.encode()
-    salt_bytes = salt.encode("ascii")[:16]
-    b = hashlib.sha512(key + salt_bytes + key).digest()
-    a = hashlib.sha512(key + salt_bytes)
-    length = len(key)
-    while length > 64:
-        a.update(b)
-        length -= 64
-    a.update(b[:length])
-    length = len(key)
-    while length:
-        a.update(b if length & 1 else key)
-        length >>= 1
-    digest = a.digest()
-    p_bytes = (hashlib.sha512(key * len(key)).digest() * (len(key) // 64 + 1))[: len(key)]
-    ds = hashlib.sha512(salt_bytes * (16 + digest[0])).digest()
-    s_bytes = (ds * (len(salt_bytes) // 64 + 1))[: len(salt_bytes)]
-    for i in range(count):
-        h = hashlib.sha512(p_bytes if i & 1 else digest)
-        if i % 3:
-            h.update(s_bytes)
-        if i % 7:
-            h.update(p_bytes)
-        h.update(digest if i & 1 else p_bytes)
-        digest = h.digest()
-    out: list[str] = []
-    for i in range(21):
-        triple = (i, i + 21, i + 42)
-        first, second, third = triple[i % 3 :] + triple[: i % 3]
-        word = (digest[first] << 16) | (digest[second] << 8) | digest[third]
-        for _ in range(4):
-            out.append(_CRYPT_ALPHABET[word & 0x3F])
-            word >>= 6
-    word = digest[63]
-    for _ in range(2):
-        out.append(_CRYPT_ALPHABET[word & 0x3F])
-        word >>= 6
-    prefix = "$6$" if rounds is None else f"$6$rounds={count}$"
-    return f"{prefix}{salt_bytes.decode('ascii')}${''.join(out)}"
-
-
-def verify_sha512_crypt(password: str, hashed: str) -> bool:
-    """Whether `hashed` (`$6$...`, with or without `{SHA512-CRYPT}`) is a hash of `password`."""
-    match = _SHA512_CRYPT_RE.match(hashed.removeprefix(_HASH_SCHEME))
-    if match is None:
-        return False
-    rounds = int(match.group(1)) if match.group(1) else None
-    if rounds is not None and rounds > _VERIFY_MAX_ROUNDS:
-        return False
-    expected = sha512_crypt(password, match.group(2), rounds)
-    return hmac.compare_digest(expected.encode(), hashed.removeprefix(_HASH_SCHEME).encode())
 
 
 # --- provider ---------------------------------------------------------------------------
