@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -16,6 +17,7 @@ import click
 
 from reconciler import clock
 from reconciler.apply import StalePlanError, context_for, observe_and_plan, reconcile
+from reconciler.cli_lab import lab
 from reconciler.findings import RULES
 from reconciler.journal import Journal, LockedError
 from reconciler.lab.layout import LabLayout
@@ -93,11 +95,14 @@ def _backend(loaded: LoadedState, lab: LabLayout | None) -> Any:
         fail(str(exc))
 
 
+def _clock_override() -> bool:
+    return bool(click.get_current_context().find_root().meta.get("clock_override"))
+
+
 def _clock(lab: LabLayout | None) -> clock.Clock:
     """The clock time gates are judged by: MAILREC_NOW only in a lab or with the explicit
     --clock-override (which says so on stderr), else the real time."""
-    override = lab is not None or bool(click.get_current_context().find_root().meta.get(
-        "clock_override"))
+    override = lab is not None or _clock_override()
     fixed = clock.overridden()
     if fixed and override and lab is None:
         click.echo(f"warning: --clock-override: time gates are judged at MAILREC_NOW={fixed}, "
@@ -107,6 +112,23 @@ def _clock(lab: LabLayout | None) -> clock.Clock:
     except clock.ClockError as exc:
         fail(str(exc))
     return clock.for_run(override)
+
+
+@contextmanager
+def _connected(loaded: LoadedState, lab: LabLayout | None) -> Iterator[tuple[Any, Journal]]:
+    """The backend and the journal of a command that changes something (apply, ack): both
+    closed at the end, and their failures turned into exit 1 with the reason."""
+    backend = _backend(loaded, lab)
+    journal = _journal(loaded, lab)
+    try:
+        yield backend, journal
+    except (StalePlanError, LockedError) as exc:
+        fail(str(exc))
+    except (OSError, RuntimeError, ValueError) as exc:
+        fail(f"cannot observe: {exc}")
+    finally:
+        backend.close()
+        journal.close()
 
 
 def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = False) -> Any:
@@ -269,35 +291,23 @@ def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None,
         if not isinstance(saved, dict) or saved.get("format_version") != 1:
             fail(f"{plan_file}: not a mailrec plan (format_version 1 expected)")
     run_clock = _clock(lab)
-    backend = _backend(loaded, lab)
-    journal = _journal(loaded, lab)
-    if not yes and saved is None:
-        _, preview = observe_and_plan(loaded, backend, journal, run_clock(),
-                                      allow_bulk=allow_bulk)
-        click.echo(render_text(preview, color=_color()), nl=False)
-        if not preview.by_status(Status.READY):
-            journal.close()
-            sys.exit(preview.exit_code)
-        if not sys.stdin.isatty() or not click.confirm("Apply the ready steps?", default=False):
-            journal.close()
-            fail("not applied (use --yes to apply without asking)")
 
     def progress(step_id: str, phase: str) -> None:
         if phase == "ok":
             click.echo(f"applied {step_id}")
 
-    try:
+    with _connected(loaded, lab) as (backend, journal):
+        if not yes and saved is None:
+            _, preview = observe_and_plan(loaded, backend, journal, run_clock(),
+                                          allow_bulk=allow_bulk)
+            click.echo(render_text(preview, color=_color()), nl=False)
+            if not preview.by_status(Status.READY):
+                sys.exit(preview.exit_code)
+            if not sys.stdin.isatty() or not click.confirm("Apply the ready steps?",
+                                                           default=False):
+                fail("not applied (use --yes to apply without asking)")
         report = reconcile(loaded, backend, journal, run_clock, allow_bulk=allow_bulk,
                            saved=saved, progress=progress)
-    except StalePlanError as exc:
-        fail(str(exc))
-    except LockedError as exc:
-        fail(str(exc))
-    except (OSError, RuntimeError, ValueError) as exc:
-        fail(f"cannot observe: {exc}")
-    finally:
-        backend.close()
-        journal.close()
     for outcome in report.outcomes:
         if outcome.result == "failed":
             click.echo(f"FAILED {outcome.step}: {outcome.message}", err=True)
@@ -338,19 +348,9 @@ def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) 
     """A person confirms a manual step (e.g. outbound/suga: the mail client was changed)."""
     loaded, lab = _load(state_path, lab_dir)
     run_clock = _clock(lab)
-    backend = _backend(loaded, lab)
-    journal = _journal(loaded, lab)
-    try:
-        # Under the apply lock: no apply may change the world between the check and the record.
-        with journal.lock():
-            _record_ack(loaded, backend, journal, run_clock, step_id, note)
-    except LockedError as exc:
-        fail(str(exc))
-    except (OSError, RuntimeError, ValueError) as exc:
-        fail(f"cannot observe: {exc}")
-    finally:
-        backend.close()
-        journal.close()
+    # Under the apply lock: no apply may change the world between the check and the record.
+    with _connected(loaded, lab) as (backend, journal), journal.lock():
+        _record_ack(loaded, backend, journal, run_clock, step_id, note)
 
 
 def _record_ack(loaded: LoadedState, backend: Any, journal: Journal, run_clock: clock.Clock,
@@ -429,65 +429,11 @@ def daemon(repo: str | None, branch: str, interval: float, subpath: str, lab_dir
     _clock(lab)  # refuses a MAILREC_NOW it may not use before the first round
     runner = Daemon(repo=repo, branch=branch, subpath=subpath, interval=interval, lab=lab,
                     metrics_port=metrics_port, allow_bulk=allow_bulk,
-                    clock_override=bool(click.get_current_context().find_root().meta.get(
-                        "clock_override")))
+                    clock_override=_clock_override())
     sys.exit(runner.run(once=once))
 
 
-@cli.group()
-def lab() -> None:
-    """A local lab whose systems stand in for onprem, rental, DNS and router."""
-
-
-@lab.command("init")
-@click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--from", "from_state", type=click.Path(path_type=Path), default=None,
-              help="Make the lab's actual state equal this state (default: before migration).")
-@click.option("--state", "state_path", type=click.Path(path_type=Path), default=None,
-              help="The company to build (default: ./state).")
-@click.option("--force", is_flag=True,
-              help="Replace an existing lab (only a directory `lab init` made; never "
-                   "deletes anything else).")
-def lab_init(directory: Path, from_state: Path | None, state_path: Path | None,
-             force: bool) -> None:
-    """Create a lab in DIRECTORY."""
-    from reconciler.lab.init import LabInitError, init_lab
-
-    source = from_state or state_path or Path(DEFAULT_STATE)
-    try:
-        loaded = load_state(source)
-    except StateError as exc:
-        fail("invalid state:\n" + "\n".join(f"  {p}" for p in exc.problems))
-    try:
-        init_lab(directory, loaded, migrated=from_state is not None, force=force)
-    except LabInitError as exc:
-        fail(str(exc))
-    click.echo(f"lab created in {directory} ({len(loaded.state.users)} users, "
-               f"{'as in ' + str(from_state) if from_state else 'before migration'})")
-
-
-@lab.command("up")
-@click.argument("directory", type=click.Path(path_type=Path, exists=True))
-def lab_up(directory: Path) -> None:
-    """Start the lab's network services (rental SMTP, RTX emulator) in the background."""
-    from reconciler.lab.services import LabServiceError, start_services
-
-    try:
-        services = start_services(LabLayout(directory.resolve()))
-    except LabServiceError as exc:
-        fail(str(exc))
-    for name, address in services.items():
-        click.echo(f"{name}: {address}")
-
-
-@lab.command("down")
-@click.argument("directory", type=click.Path(path_type=Path, exists=True))
-def lab_down(directory: Path) -> None:
-    """Stop the lab's network services."""
-    from reconciler.lab.services import stop_services
-
-    stopped = stop_services(LabLayout(directory.resolve()))
-    click.echo(f"stopped {stopped} service(s)")
+cli.add_command(lab)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from reconciler.context import Context
 from reconciler.findings import Finding, subjects_text
 from reconciler.model import Side
 from reconciler.spf import spf_problems, too_wide
-from reconciler.world import IpAddress, RouterFacts, UserFacts, World
+from reconciler.world import RouterFacts, UserFacts, World
 
 Measure = tuple[int, ...]
 
@@ -54,7 +54,6 @@ def _memo(kind: str, parts: tuple[object, ...], compute: Callable[[], list[str]]
     result = compute()
     _part_cache[kind] = (parts, result)
     return result
-
 
 
 def _egress_problems(world: World, ctx: Context) -> list[str]:
@@ -492,5 +491,5 @@ def check_transition(
     return found
 
 
-__all__ = ["IpAddress", "Measure", "check_transition", "check_world", "findings_for",
-           "user_findings", "violations", "worse"]
+__all__ = ["Measure", "check_transition", "check_world", "findings_for", "user_findings",
+           "violations", "worse"]

@@ -9,7 +9,7 @@ Postfix whose system main.cf is missing, and records every argv.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -17,7 +17,8 @@ import pytest
 from reconciler.drivers.postfix import PostfixError, parse_map
 from reconciler.drivers.postfix_host import POSTFIX_PROGRAMS, PostfixHost
 from reconciler.model import Onprem
-from reconciler.transport import CommandResult, Transport
+from reconciler.transport import CommandResult
+from tests.fakes import FakeHost, fail, ok
 
 # A second instance, as on a real multi-instance host: nothing here is /etc/postfix.
 CONFIG_DIR = "/srv/postfix-onprem/etc"
@@ -27,27 +28,11 @@ PASSWD = (
     "suga:x:1001:1001:Suga:/home/suga:/bin/bash\n"
     "sato:x:1002:1002:Sato:/home/sato:/bin/bash\n"
 )
-# Every program of the Postfix suite that reads main.cf (and so takes -c).
-POSTFIX_SUITE = POSTFIX_PROGRAMS | {"postalias", "postcat", "postdrop", "postkick", "postlock",
-                                    "postlog", "postmulti", "sendmail", "mailq", "newaliases"}
-NO_MAIN_CF = b"postmap: fatal: open /etc/postfix/main.cf: No such file or directory\n"
-
-
-def ok(argv: tuple[str, ...], out: str = "") -> CommandResult:
-    return CommandResult(argv, 0, out.encode(), b"")
-
-
-def fail(argv: tuple[str, ...], status: int = 1, err: bytes = b"") -> CommandResult:
-    return CommandResult(argv, status, b"", err)
-
-
-class FakePostfixHost(Transport):
+class FakePostfixHost(FakeHost):
     """A host whose only Postfix instance lives in CONFIG_DIR (no /etc/postfix/main.cf)."""
 
     def __init__(self) -> None:
-        super().__init__("fake-onprem")
-        self.argvs: list[tuple[str, ...]] = []  # raw, as a process list would show them
-        self.files: dict[str, bytes] = {f"{CONFIG_DIR}/main.cf": b"# main.cf\n"}
+        super().__init__("fake-onprem", CONFIG_DIR, {f"{CONFIG_DIR}/main.cf": b"# main.cf\n"})
         self.params = {
             "local_recipient_maps": "proxy:unix:passwd.byname $alias_maps",
             "transport_maps": "",
@@ -57,28 +42,9 @@ class FakePostfixHost(Transport):
         self.running = True
         self.existing: set[str] = {"/home/suga/Maildir"}
 
-    def close(self) -> None:
-        pass
-
-    # --- files --------------------------------------------------------------------------
-    def _read(self, path: str) -> bytes | None:
-        return self.files.get(path)
-
-    def _write_atomic(self, path: str, data: bytes, mode: int, backup: bool) -> None:
-        if backup and path in self.files:
-            self.files[path + ".bak"] = self.files[path]
-        self.files[path] = data
-
-    # --- commands -----------------------------------------------------------------------
-    def _run(self, argv: tuple[str, ...], input: bytes | None, timeout: float) -> CommandResult:
-        self.argvs.append(argv)
-        program = posixpath.basename(argv[0])
-        if program in POSTFIX_SUITE:
-            if argv[1:3] != ("-c", CONFIG_DIR):
-                return fail(argv, 1, NO_MAIN_CF)  # what a real Postfix answers here
-            handler: Callable[[tuple[str, ...]], CommandResult] = getattr(self, f"_{program}")
-            return handler(argv)
-        return getattr(self, f"_{program}")(argv)  # type: ignore[no-any-return]
+    def answer(self, program: str, argv: tuple[str, ...], input: bytes | None) -> CommandResult:
+        handler: Callable[[tuple[str, ...]], CommandResult] = getattr(self, f"_{program}")
+        return handler(argv)
 
     def _postconf(self, argv: tuple[str, ...]) -> CommandResult:
         args = argv[3:]
@@ -146,15 +112,6 @@ class FakePostfixHost(Transport):
         return ok(argv)
 
 
-def postfix_commands(argvs: Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
-    return [argv for argv in argvs if posixpath.basename(argv[0]) in POSTFIX_SUITE]
-
-
-def assert_all_name_the_instance(argvs: Sequence[tuple[str, ...]]) -> None:
-    for argv in postfix_commands(argvs):
-        assert argv[1:3] == ("-c", CONFIG_DIR), f"{' '.join(argv)}: no -c {CONFIG_DIR}"
-
-
 @pytest.fixture
 def fake() -> FakePostfixHost:
     return FakePostfixHost()
@@ -207,15 +164,14 @@ def test_every_postfix_command_of_the_driver_names_its_config_dir(
     host.retire()  # postconf queue_directory, postfix status, postfix stop
     assert host.observe(now()).retired is True
 
-    commands = postfix_commands(fake.argvs)
-    seen = {(posixpath.basename(argv[0]), argv[3]) for argv in commands}
+    seen = {(posixpath.basename(argv[0]), argv[3]) for argv in fake.postfix_argvs()}
     for expected in [("postconf", "local_recipient_maps"), ("postconf", "-e"),
                      ("postconf", "queue_directory"), ("postmap", "-s"),
                      ("postmap", f"hash:{CONFIG_DIR}/mailrec_transport"),
                      ("postfix", "check"), ("postfix", "reload"), ("postfix", "status"),
                      ("postfix", "stop")]:
         assert expected in seen, f"the scenario never ran {expected}"
-    assert_all_name_the_instance(fake.argvs)
+    fake.assert_every_postfix_command_names_the_instance()
     assert not any("/etc/postfix" in part for argv in fake.argvs for part in argv)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import posixpath
 from collections.abc import Sequence
 
 import pytest
@@ -20,7 +19,8 @@ import pytest
 from reconciler.drivers.rental.base import ProviderContext, ProviderError
 from reconciler.drivers.rental.ssh import SshProvider, sha512_crypt, verify_sha512_crypt
 from reconciler.model import Rental
-from reconciler.transport import CommandResult, Transport
+from reconciler.transport import CommandResult
+from tests.fakes import POSTFIX_SUITE, FakeHost, fail, ok
 
 POSTFIX_DIR = "/srv/postfix-rental/etc"  # a second instance: nothing here is /etc/postfix
 VMAILBOX = f"{POSTFIX_DIR}/vmailbox"
@@ -30,28 +30,14 @@ MAIL_ROOT = "/var/mail/vhosts"
 PASSWORD_DIR = "/var/lib/mailrec/initial-passwords"
 DOMAIN = "example.co.jp"
 SALT = "fakesaltfakesalt"
-POSTFIX_SUITE = frozenset({"postconf", "postmap", "postfix", "postqueue", "postsuper",
-                           "postalias", "postcat", "postdrop", "postkick", "postlock",
-                           "postlog", "postmulti", "sendmail", "mailq", "newaliases"})
-NO_MAIN_CF = b"postconf: fatal: open /etc/postfix/main.cf: No such file or directory\n"
 
 
-def ok(argv: tuple[str, ...], out: str = "") -> CommandResult:
-    return CommandResult(argv, 0, out.encode(), b"")
-
-
-def fail(argv: tuple[str, ...], status: int = 1, err: bytes = b"") -> CommandResult:
-    return CommandResult(argv, status, b"", err)
-
-
-class FakeVps(Transport):
+class FakeVps(FakeHost):
     """A VPS whose Postfix lives in POSTFIX_DIR and whose system /etc/postfix has no main.cf."""
 
     def __init__(self) -> None:
-        super().__init__("fake-vps")
-        self.argvs: list[tuple[str, ...]] = []  # raw, as `ps` would show them
-        self.stdin: list[bytes] = []
-        self.files: dict[str, bytes] = {VMAILBOX: b"", MYNETWORKS: b"", DOVECOT_PASSWD: b""}
+        super().__init__("fake-vps", POSTFIX_DIR,
+                         {VMAILBOX: b"", MYNETWORKS: b"", DOVECOT_PASSWD: b""})
         self.settings = {
             "virtual_mailbox_domains": DOMAIN,
             "virtual_mailbox_maps": f"hash:{VMAILBOX}",
@@ -65,24 +51,7 @@ class FakeVps(Transport):
         # falls back to after a mismatched pair, at the end of stdin).
         self.doveadm_hashes_empty = False
 
-    def close(self) -> None:
-        pass
-
-    def _read(self, path: str) -> bytes | None:
-        return self.files.get(path)
-
-    def _write_atomic(self, path: str, data: bytes, mode: int, backup: bool) -> None:
-        if backup and path in self.files:
-            self.files[path + ".bak"] = self.files[path]
-        self.files[path] = data
-
-    def _run(self, argv: tuple[str, ...], input: bytes | None, timeout: float) -> CommandResult:
-        self.argvs.append(argv)
-        if input is not None:
-            self.stdin.append(input)
-        program = posixpath.basename(argv[0])
-        if program in POSTFIX_SUITE and argv[1:3] != ("-c", POSTFIX_DIR):
-            return fail(argv, 1, NO_MAIN_CF)  # what a real Postfix answers here
+    def answer(self, program: str, argv: tuple[str, ...], input: bytes | None) -> CommandResult:
         args = argv[3:] if program in POSTFIX_SUITE else argv[1:]
         if program == "postconf":
             assert args[0] == "-x", argv
@@ -181,13 +150,11 @@ def test_every_postfix_command_names_postfix_dir(caplog: pytest.LogCaptureFixtur
         provider.delete_mailbox("suga")
         assert "suga" not in provider.observe().mailboxes
 
-    postfix = [a for a in fake.argvs if posixpath.basename(a[0]) in POSTFIX_SUITE]
-    seen = {(a[0], a[3]) for a in postfix}
+    seen = {(a[0], a[3]) for a in fake.postfix_argvs()}
     for expected in [("postconf", "-x"), ("postmap", "-q"), ("postmap", f"hash:{VMAILBOX}"),
                      ("postfix", "check"), ("postfix", "reload")]:
         assert expected in seen, f"the scenario never ran {expected}"
-    for argv in postfix:
-        assert argv[1:3] == ("-c", POSTFIX_DIR), f"{' '.join(argv)}: no -c {POSTFIX_DIR}"
+    fake.assert_every_postfix_command_names_the_instance()
     assert "/etc/postfix" not in argv_text(fake.argvs)
 
 

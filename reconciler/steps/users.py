@@ -14,10 +14,10 @@ from reconciler.world import Outbound, World
 
 
 @dataclass(frozen=True)
-class CreateMailbox(Step):
+class UserStep(Step):
+    """A step on one user: named by the user (`mailbox/suga`), touching only that user."""
+
     user: str
-    kind: ClassVar[str] = "mailbox"
-    action: ClassVar[Action] = Action.CREATE
 
     @property
     def name(self) -> str:
@@ -26,6 +26,12 @@ class CreateMailbox(Step):
     @property
     def users(self) -> tuple[str, ...]:
         return (self.user,)
+
+
+@dataclass(frozen=True)
+class CreateMailbox(UserStep):
+    kind: ClassVar[str] = "mailbox"
+    action: ClassVar[Action] = Action.CREATE
 
     @property
     def rank(self) -> Rank:
@@ -51,22 +57,13 @@ class CreateMailbox(Step):
 
 
 @dataclass(frozen=True)
-class MoveInbound(Step):
+class MoveInbound(UserStep):
     """Onprem Postfix forwards (transport map) the user's mail to the rental, or stops.
     Also the repair of a drifted transport entry: it is rewritten to what the state says."""
 
-    user: str
     to: Side
     kind: ClassVar[str] = "inbound"
     action: ClassVar[Action] = Action.UPDATE
-
-    @property
-    def name(self) -> str:
-        return self.user
-
-    @property
-    def users(self) -> tuple[str, ...]:
-        return (self.user,)
 
     @property
     def rank(self) -> Rank:
@@ -87,21 +84,12 @@ class MoveInbound(Step):
 
 
 @dataclass(frozen=True)
-class RemoveOnpremMailbox(Step):
+class RemoveOnpremMailbox(UserStep):
     """The story's "old account removed" once the user drained it over POP."""
 
-    user: str
     messages: int = 0
     kind: ClassVar[str] = "onprem-mailbox"
     action: ClassVar[Action] = Action.DELETE
-
-    @property
-    def name(self) -> str:
-        return self.user
-
-    @property
-    def users(self) -> tuple[str, ...]:
-        return (self.user,)
 
     @property
     def rank(self) -> Rank:
@@ -129,23 +117,14 @@ class RemoveOnpremMailbox(Step):
 
 
 @dataclass(frozen=True)
-class MoveOutbound(Step):
+class MoveOutbound(UserStep):
     """A mail-client setting: a person changes it (or confirms what it is, when no record
     says), mailrec gates, instructs and records the ack."""
 
-    user: str
     to: Outbound
     kind: ClassVar[str] = "outbound"
     action: ClassVar[Action] = Action.UPDATE
     manual: ClassVar[bool] = True
-
-    @property
-    def name(self) -> str:
-        return self.user
-
-    @property
-    def users(self) -> tuple[str, ...]:
-        return (self.user,)
 
     @property
     def rank(self) -> Rank:
