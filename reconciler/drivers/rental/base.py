@@ -40,9 +40,10 @@ class RentalSnapshot:
     mailboxes: dict[str, int | None]  # local part -> messages held (None: unknown)
     whitelist: frozenset[IpNetwork]
     notes: tuple[str, ...] = ()  # what could not be verified, for `plan` and `status`
-    # The whitelist was read from the rental itself; False when it is the state file's or
-    # an admin's file (declared, not observed: safety may not rely on it).
-    whitelist_verified: bool = True
+    # The whitelist was read from the rental itself (its config, an API). Off unless the
+    # provider says so: a state file's or an admin's list is declared, not observed, and
+    # safety may not rely on it (a plug-in that only echoes rental.whitelist stays unverified).
+    whitelist_verified: bool = False
     # Relay probes made: (the address the rental saw, whether it relayed without AUTH).
     relay_checks: tuple[tuple[IpAddress, bool], ...] = ()
 

@@ -215,6 +215,7 @@ class LabProvider(RentalProvider):
             domain_accepted=self.domain in read_domains(layout.rental_domains),
             mailboxes=dict(sorted(boxes.items())),
             whitelist=read_whitelist(layout.rental_whitelist),
+            whitelist_verified=True,  # the lab rental's own file, which its server obeys
         )
 
     def maildir(self, user: str) -> Path:

@@ -290,6 +290,7 @@ class SshProvider(RentalProvider):
             mailboxes=mailboxes,
             whitelist=state.whitelist,
             notes=state.notes,
+            whitelist_verified=True,  # Postfix's mynetworks on the VPS, as read
         )
 
     def _read_state(self) -> VpsState:
