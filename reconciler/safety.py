@@ -420,7 +420,7 @@ def relay_route_findings(before: World, after: World, ctx: Context) -> list[Find
     gateways whose address the rental is seen to relay for. (Moving from one unverified
     gateway to another is no worse by count, but nothing proves it safe.)"""
     old, new = before.router, after.router
-    if old is None or new is None or not after.counts.may_relay:
+    if old is None or new is None or old is new or not after.counts.may_relay or old == new:
         return []
     moved_to = set(new.smtp_egress()) - set(old.smtp_egress())
     unverified = sorted(g for g in moved_to

@@ -452,3 +452,12 @@ def test_mailrec_now_needs_a_lab_or_the_explicit_override(command: tuple[str, ..
                      env={"MAILREC_NOW": NOW.isoformat(), "MAILREC_LAB": ""})
     assert result.exit_code == 1
     assert "--clock-override" in result.stderr
+
+
+def test_clock_override_is_explicit_and_says_so() -> None:
+    result = run_cli("--clock-override", "plan", "--state", str(STATE),
+                     env={"MAILREC_NOW": NOW.isoformat(), "MAILREC_LAB": ""})
+    assert "warning: --clock-override" in result.stderr
+    assert NOW.isoformat() in result.stderr
+    # It only moves the clock: the rest is as without it (here: no TSIG secret on this host).
+    assert result.exit_code == 1 and "--clock-override" not in result.stderr.split("\n", 1)[1]
