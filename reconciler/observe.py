@@ -121,12 +121,12 @@ class JournalView:
         )
 
 
-def migration_started(postfix: PostfixFacts, dns: DnsRecords, state: DesiredState) -> bool:
+def migration_started(*, routed: bool, mx_at_rental: bool, spf_terms: tuple[str, ...],
+                      state: DesiredState) -> bool:
     """Whether the world shows any sign that the migration began: someone routed to the
     rental, the MX at the rental, or SPF authorising it. Before that, everyone sends through
     onprem (mailrec's premise); after it, an outbound setting no ack records is unknown."""
-    return (bool(postfix.transport) or dns.mx_hosts == (state.rental.mx_host,)
-            or state.rental.spf in dns.spf_terms)
+    return routed or mx_at_rental or state.rental.spf in spf_terms
 
 
 def build_world(
@@ -143,7 +143,9 @@ def build_world(
         set(postfix.accounts) | set(postfix.transport) | set(postfix.recipients)
         | set(rental.mailboxes) | set(journal.outbound) | set(state.users)
     )
-    assume_onprem = journal.baseline or not migration_started(postfix, dns, state)
+    assume_onprem = journal.baseline or not migration_started(
+        routed=bool(postfix.transport), mx_at_rental=dns.mx_hosts == (state.rental.mx_host,),
+        spf_terms=dns.spf_terms, state=state)
     expected_route = relay_target(state.rental.smtp_host, state.rental.relay_port)
     users: list[tuple[str, UserFacts]] = []
     for name in names:
@@ -210,7 +212,9 @@ def observations_to_record(world: World, view: JournalView, state: DesiredState,
     notes: list[tuple[str, dict[str, object]]] = []
     dns = world.dns
     if (not view.baseline and world.counts.unknown_outbound == 0
-            and not migration_started_in(world, state)):
+            and not migration_started(routed=world.counts.route_rental > 0,
+                                      mx_at_rental=world.dns.mx is Side.RENTAL,
+                                      spf_terms=world.dns.spf_terms, state=state)):
         notes.append((BASELINE, {"users": world.counts.total}))
     if dns.mx_ttl > cutover_ttl and (
             view.mx_ttl_lowered_at is not None or dns.mx_ttl > (view.mx_old_ttl or 0)):
@@ -221,12 +225,6 @@ def observations_to_record(world: World, view: JournalView, state: DesiredState,
     if at_rental != (view.mx_moved_at is not None):
         notes.append(("dns/mx", {"seen": list(dns.mx_hosts), "rental": at_rental}))
     return notes
-
-
-def migration_started_in(world: World, state: DesiredState) -> bool:
-    """`migration_started`, asked of a built world."""
-    return (world.counts.route_rental > 0 or world.dns.mx is Side.RENTAL
-            or state.rental.spf in world.dns.spf_terms)
 
 
 def world_checksum(world: World, state_digest: str = "") -> str:
