@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from reconciler.model_types import (
@@ -94,12 +95,31 @@ __all__ = [
     "StrictModel",
     "Tsig",
     "Ttl",
+    "Upstream",
     "User",
     "check_host",
     "field_error",
     "format_duration",
     "parse_duration",
 ]
+
+
+class Upstream(StrictModel):
+    """A relay in front of onprem (the DMZ host the MX names): it queues the domain's mail
+    and hands it to onprem, so onprem may retire only once it no longer does."""
+
+    host: Fqdn  # its name, as the MX (or a secondary MX) names it
+    # ssh://root@relay:22 to read its routing and queue; without it a person confirms
+    # (a manual step), and mailrec probes the relay by SMTP.
+    connect: ConnectStr | None = None
+    config_dir: str = "/etc/postfix"
+
+    @field_validator("config_dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or "\0" in value or "\n" in value:
+            raise ValueError(f"{value!r} must be an absolute path")
+        return value
 
 
 class Onprem(StrictModel):
@@ -110,6 +130,29 @@ class Onprem(StrictModel):
     mailbox: str = "maildir:~/Maildir"
     state: Literal["active", "retired"] = "active"
     log_file: str = "/var/log/mail.log"
+    # The zone of the log's classic syslog stamps ("Dec  2 15:04:05" carries none); ISO 8601
+    # stamps carry their own offset.
+    log_timezone: str = "UTC"
+    # The uids of people's accounts, [first, last]; default: UID_MIN/UID_MAX of the host's
+    # /etc/login.defs (CentOS 6: 500, Debian: 1000), else 1000-59999.
+    uid_range: tuple[int, int] | None = None
+    upstream: list[Upstream] = Field(default_factory=list)
+
+    @field_validator("log_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone (e.g. UTC, Asia/Tokyo)") from None
+        return value
+
+    @field_validator("uid_range")
+    @classmethod
+    def _uids(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 0 <= value[0] <= value[1] <= 2**32 - 2:
+            raise ValueError(f"{list(value)}: give [first, last] uids, first <= last")
+        return value
 
     @field_validator("config_dir", "log_file")
     @classmethod
@@ -278,6 +321,24 @@ class Router(StrictModel):
     smtp_route: SmtpRoute | None = None
 
 
+ALIAS_KEEPS = ("rental", "onprem", "drop")
+
+
+def _alias_target(value: Any) -> Any:
+    """An alias is its members (a list), or one of: rental (the rental already delivers
+    this name itself), onprem (still served by onprem only: the MX cannot move), drop (the
+    name is given up: after the MX move it bounces, by decision)."""
+    if isinstance(value, str) and value not in ALIAS_KEEPS:
+        return [value]  # `info: suga` is one member
+    return value
+
+
+AliasTarget = Annotated[Literal["rental", "onprem", "drop"] | list[str],
+                        BeforeValidator(_alias_target)]
+_MEMBER_RE = re.compile(r"^[A-Za-z0-9._+-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\Z",
+                        re.ASCII)
+
+
 class User(StrictModel):
     inbound: Side = Side.ONPREM
     outbound: Side = Side.ONPREM
@@ -309,7 +370,38 @@ class DesiredState(StrictModel):
     dns: Dns
     router: Router | None = None
     users: dict[str, User] = Field(default_factory=dict)
+    # Names onprem receives for that are not users (aliases, lists, virtual aliases), and
+    # where each goes at the rental. The MX moves only when every name onprem accepts has a
+    # destination at the rental or is declared drop (MR019).
+    aliases: dict[str, AliasTarget] = Field(default_factory=dict)
     policy: Policy = Field(default_factory=Policy)
+
+    @model_validator(mode="after")
+    def _aliases(self) -> DesiredState:
+        for name, target in self.aliases.items():
+            if not USER_NAME_RE.match(name):
+                raise field_error(("aliases", name), f"alias name {name!r} is not allowed: "
+                                  "lower-case letters, digits, '.', '_' and '-'")
+            if name in self.users:
+                raise field_error(("aliases", name), f"{name} is a user and an alias: a name "
+                                  "is one or the other")
+            if isinstance(target, list):
+                if not target:
+                    raise field_error(("aliases", name), "an alias needs at least one member "
+                                      "(or rental, onprem, drop)")
+                for member in target:
+                    if member not in self.users and not _MEMBER_RE.match(member):
+                        raise field_error(("aliases", name), f"member {member!r} is neither "
+                                          "a user of the state nor an address (name@domain)")
+        return self
+
+    def alias_members(self, name: str) -> tuple[str, ...] | None:
+        """The alias's members as full addresses (users at the domain), or None when the
+        state does not give members."""
+        target = self.aliases.get(name)
+        if not isinstance(target, list):
+            return None
+        return tuple(sorted(m if "@" in m else f"{m}@{self.domain}" for m in target))
 
     @field_validator("users", mode="before")
     @classmethod

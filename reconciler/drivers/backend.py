@@ -131,6 +131,7 @@ class SystemBackend:
                 state_dir=state_dir,
                 known_hosts=known_hosts,
                 users=tuple(sorted(state.users)),
+                aliases=tuple(sorted(state.aliases)),
                 # In the lab, relay probes leave from the office (see lab/office.py).
                 probe_source=OFFICE_ADDRESS if lab is not None else None,
                 services=services,
@@ -154,7 +155,8 @@ class SystemBackend:
         except (TransportError, OSError) as exc:
             raise BackendError(f"onprem host {connect}: {exc}") from exc
         try:
-            host = PostfixHost(transport, state.domain, state.onprem)
+            host = PostfixHost(transport, state.domain, state.onprem,
+                               quiet_period=state.policy.quiet_period)
         except PostfixError as exc:
             transport.close()
             raise BackendError(f"onprem host {connect}: {exc}") from exc

@@ -18,9 +18,7 @@ from reconciler.drivers.postfix import (
     TRANSPORT_MAP,
     PostfixError,
     PostfixFacts,
-    count_maildir,
     edit_map,
-    last_mail_seen,
     parse_main_cf,
     parse_map,
     parse_passwd,
@@ -31,6 +29,8 @@ from reconciler.drivers.postfix import (
     users_in_map,
     with_map,
 )
+from reconciler.drivers.postfix_log import last_mail_seen
+from reconciler.drivers.postfix_mailbox import count_maildir
 from reconciler.lab.layout import LabLayout
 from reconciler.model import USER_NAME_RE
 

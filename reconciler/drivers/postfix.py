@@ -11,11 +11,10 @@ Everything else in the configuration is left as it is.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from reconciler.model import USER_NAME_RE
@@ -23,24 +22,6 @@ from reconciler.model import USER_NAME_RE
 TRANSPORT_MAP = "mailrec_transport"
 RECIPIENT_MAP = "mailrec_recipients"
 MIN_UID, MAX_UID = 1000, 59999  # Debian's range for people; system accounts stay out
-
-_SYSLOG_TS = re.compile(r"^(?P<mon>[A-Z][a-z]{2}) +(?P<day>\d{1,2}) (?P<time>\d\d:\d\d:\d\d) ")
-_ISO_TS = re.compile(r"^(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?) ")
-_SYSLOG_SLACK = timedelta(days=1)
-_MONTHS = {
-    m: i
-    for i, m in enumerate(
-        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"],
-        start=1,
-    )
-}
-# A message accepted from a client, or a delivery attempt: handed on (sent), still queued for
-# a retry (deferred: onprem still holds it) or returned (bounced). Not a rejected RCPT.
-_MAIL_EVENT = re.compile(
-    r"postfix[^/\s]*/\S+\[\d+\]: [0-9A-Za-z]+: "
-    r"(?:to=<[^>]*>.*status=(?:sent|deferred|bounced)|client=)"
-)
-
 
 class PostfixError(RuntimeError):
     """A Postfix file mailrec cannot read or a change it cannot make safely."""
@@ -141,48 +122,38 @@ def users_in_map(entries: dict[str, str], domain: str) -> dict[str, str]:
     return {k[: -len(suffix)]: v for k, v in entries.items() if k.endswith(suffix)}
 
 
-def _log_time(line: str, now: datetime) -> datetime | None:
-    iso = _ISO_TS.match(line)
-    if iso:
-        stamp = datetime.fromisoformat(iso.group("iso").replace("Z", "+00:00"))
-        return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
-    match = _SYSLOG_TS.match(line)
-    if not match or match.group("mon") not in _MONTHS:
-        return None
-    hour, minute, second = map(int, match.group("time").split(":"))
-    # Classic syslog has neither year nor zone: the stamp is the host's local time, read here
-    # as UTC. Take the latest year that puts it no more than a day after `now` (local time is
-    # up to 14 h ahead of UTC: a line logged an hour ago in Tokyo must not land a year back).
-    for year in (now.year + 1, now.year, now.year - 1):
-        try:
-            stamp = datetime(year, _MONTHS[match.group("mon")], int(match.group("day")),
-                             hour, minute, second, tzinfo=UTC)
-        except ValueError:
-            continue
-        if stamp <= now + _SYSLOG_SLACK:
-            return stamp
-    return None
+@dataclass(frozen=True)
+class AddressSpace:
+    """Every name the onprem Postfix receives for besides its users' `user@domain`, read from
+    main.cf and its tables in a constant number of commands (docs/onprem-postfix.md)."""
 
-
-def last_mail_seen(log_text: str, now: datetime) -> datetime | None:
-    """The newest message Postfix accepted, delivered, relayed or still retries (MR010)."""
-    for line in reversed(log_text.splitlines()):
-        if _MAIL_EVENT.search(line):
-            stamp = _log_time(line, now)
-            if stamp is not None:
-                return stamp
-    return None
-
-
-def count_maildir(path: Path) -> int:
-    total = 0
-    for sub in ("new", "cur"):
-        try:
-            with os.scandir(path / sub) as entries:
-                total += sum(1 for e in entries if e.is_file() and not e.name.startswith("."))
-        except FileNotFoundError:
-            continue
-    return total
+    # mydestination expanded ($myhostname, $mydomain, localhost...), lower-case, no dot at
+    # the end: every name local(8) delivers for. A user's forward must cover each.
+    local_domains: tuple[str, ...] = ()
+    # mydestination entries mailrec cannot expand (a lookup table, an unknown $parameter):
+    # names it cannot see, so the forward of a user is "not verified" while any remain.
+    unresolved: tuple[str, ...] = ()
+    myorigin: str = ""  # the domain appended to a bare local name (an alias's members)
+    recipient_delimiter: str = ""  # "+": user+tag@domain reaches user
+    # aliases(5) from alias_maps: local name -> members as written (user, user@x, |cmd,
+    # /file, :include:/path). Applies to every local domain.
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # virtual_alias_maps entries whose key is at the domain or a local domain (or the
+    # domain's catch-all `@domain`): local part ("" for the catch-all) -> members.
+    virtual_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    virtual_alias_domains: tuple[str, ...] = ()
+    luser_relay: str = ""  # where local(8) sends names with no account ($user@other...)
+    fallback_transport: str = ""  # where local(8) sends names with no account
+    local_recipient_maps: str = ""  # as main.cf says (empty: smtpd accepts every name)
+    uid_range: tuple[int, int] = (MIN_UID, MAX_UID)  # people, from login.defs or the state
+    # Accounts outside the uid range (root, system users, an old uid-500 user) whose mailbox
+    # holds mail: name -> messages. They receive onprem and nobody migrates them.
+    other_accounts: dict[str, int] = field(default_factory=dict)
+    # Users whose onprem mailbox mailrec archived, but a mailbox holds mail again: name ->
+    # messages. Something still delivers there locally (a finding, never a drain wait).
+    stray_mail: dict[str, int] = field(default_factory=dict)
+    # Tables mailrec could not read (ldap:, mysql:, a missing file): names it cannot see.
+    unreadable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,6 +164,11 @@ class PostfixFacts:
     recipient_validation: bool
     last_mail_at: datetime | None
     retired: bool
+    space: AddressSpace = AddressSpace()
+    # Users with a `user@domain` transport entry that lacks the same entry for another
+    # local domain name (or, where the name is not the domain, the address rewrite that
+    # makes the rental accept it): mail to that name stays onprem. Repaired by inbound/USER.
+    partial_forward: frozenset[str] = frozenset()
 
 
 def recipient_map_ref(config_dir: str) -> str:

@@ -38,8 +38,9 @@ import posixpath
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Final, Literal, get_args
+from zoneinfo import ZoneInfo
 
 from reconciler import clock
 from reconciler.drivers.postfix import (
@@ -49,7 +50,6 @@ from reconciler.drivers.postfix import (
     PostfixFacts,
     edit_map,
     format_map,
-    last_mail_seen,
     parse_main_cf,
     parse_map,
     parse_passwd,
@@ -59,6 +59,8 @@ from reconciler.drivers.postfix import (
     users_in_map,
     with_map,
 )
+from reconciler.drivers.postfix_log import LOG_LINES, read_last_mail
+from reconciler.drivers.postfix_mailbox import MailboxSpec, count_mailboxes
 from reconciler.model import USER_NAME_RE, Onprem
 from reconciler.transport import (
     CommandResult,
@@ -71,155 +73,13 @@ from reconciler.transport import (
 REMOVED_LIST: Final = "mailrec_removed"  # users whose onprem mailbox mailrec archived
 RETIRED_MARKER: Final = "mailrec_retired"  # written by retire(), before Postfix is stopped
 ARCHIVE_INFIX: Final = ".mailrec-removed-"  # Maildir -> Maildir.mailrec-removed-<UTC time>
-LOG_LINES: Final = 5000
-_STATUS_TAG: Final = "mailrec-find-status"
-# The mailbox scan, run as `sh -c SCRIPT mailrec-scan START... -- FIND-EXPRESSION...`. The
-# script is a constant; the paths and patterns arrive as positional parameters, so nothing a
-# host returns (a home directory) is ever parsed by a shell. It keeps only the start points
-# that are directories (an account whose home does not exist has no mail, and must not make
-# the whole observation fail), then counts on the host, one line per directory instead of one
-# per message, and appends find's exit status so a partial listing is never taken as complete.
-SCAN_SCRIPT: Final = f"""\
-n=$#; starts=0; expr=0
-while [ "$n" -gt 0 ]; do
-  a=$1; shift; n=$((n - 1))
-  if [ "$expr" = 1 ]; then set -- "$@" "$a"
-  elif [ "$a" = -- ]; then expr=1
-  elif [ -d "$a" ]; then set -- "$@" "$a"; starts=$((starts + 1))
-  fi
-done
-if [ "$starts" = 0 ]; then echo "1 {_STATUS_TAG} 0"; exit 0; fi
-{{ find -L "$@"; echo "{_STATUS_TAG} $?"; }} | uniq -c
-"""
 # Characters of a main.cf map list mailrec may write with `postconf -e`: map types, paths,
 # $parameters, commas and spaces. Never a newline, quote, backslash or '#'.
 _MAP_LIST_RE: Final = re.compile(r"^[A-Za-z0-9_$:/.,{}=@+ -]*$")
 _HOSTNAME_RE: Final = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
-_GLOB_CHARS: Final = frozenset("*?[]\\")
 # The Postfix programs mailrec runs; each reads main.cf, so each gets `-c config_dir`.
 PostfixProgram = Literal["postconf", "postmap", "postfix", "postqueue", "postsuper"]
 POSTFIX_PROGRAMS: Final = frozenset(get_args(PostfixProgram))
-
-
-# --- mailbox locations ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MailboxSpec:
-    """`onprem.mailbox`: `maildir:~/Maildir`, `maildir:/var/vmail/{user}/Maildir` or
-    `mbox:/var/mail/{user}`; `~` is the account's home from passwd."""
-
-    kind: Literal["maildir", "mbox"]
-    template: str
-
-    @staticmethod
-    def parse(spec: str) -> MailboxSpec:
-        kind, _, template = spec.partition(":")
-        template = template.rstrip("/") or template
-        if kind not in ("maildir", "mbox"):
-            raise PostfixError(f"onprem.mailbox {spec!r}: use maildir:PATH or mbox:PATH")
-        if _GLOB_CHARS & set(template) or "\n" in template:
-            raise PostfixError(f"onprem.mailbox {spec!r}: no glob characters or newlines")
-        home_relative = template == "~" or template.startswith("~/")
-        if not home_relative and "{user}" not in template:
-            raise PostfixError(
-                f"onprem.mailbox {spec!r}: a path must start with ~/ (the user's home) or "
-                "contain {user}"
-            )
-        # Normalised (no '.', '..', '//'), with any home or user name put in.
-        example = "/home/u" + template[1:] if home_relative else template.replace("{user}", "u")
-        try:
-            safe_path(example)
-        except UnsafePathError as exc:
-            raise PostfixError(f"onprem.mailbox {spec!r}: {exc}") from None
-        return MailboxSpec("maildir" if kind == "maildir" else "mbox", template)
-
-    @property
-    def home_relative(self) -> bool:
-        return self.template == "~" or self.template.startswith("~/")
-
-    def path_for(self, user: str, home: str) -> str:
-        """The user's mailbox on the host (a Maildir directory or an mbox file)."""
-        if self.home_relative:
-            path = home.rstrip("/") + self.template[1:]
-        else:
-            path = self.template.replace("{user}", user)
-        return safe_path(path)
-
-    def scan_argv(self, homes: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-        """The one command that counts every listed user's mail, and what its lines mean.
-
-        Returns the argv and a map from the path each output line names (a Maildir's
-        new/ or cur/, or an mbox file) to the user it belongs to. The start points are the
-        directories the mailboxes hang off (e.g. /home for ~/Maildir, /var/mail for
-        /var/mail/{user}); `-mindepth`/`-maxdepth` pin the depth, so find reads no deeper
-        than the mailboxes themselves.
-        """
-        owners: dict[str, str] = {}
-        starts: set[str] = set()
-        if self.home_relative:
-            rel = [p for p in self.template[2:].split("/") if p]
-            depth = 1 + len(rel)  # the home below its parent, then the path inside it
-            for home in homes.values():
-                starts.add(posixpath.dirname(safe_path(home.rstrip("/") or "/")))
-        else:
-            parts = self.template.split("/")
-            index = next(i for i, p in enumerate(parts) if "{user}" in p)
-            starts.add(safe_path("/".join(parts[:index]) or "/"))
-            depth = len(parts) - index
-        for user, home in homes.items():
-            location = self.path_for(user, home)
-            if self.kind == "maildir":
-                owners[location + "/new"] = user
-                owners[location + "/cur"] = user
-            else:
-                owners[location] = user
-        last = self.template.rsplit("/", 1)[-1]
-        leaf = "*" if "{user}" in last or last == "~" else last
-        if self.kind == "maildir":
-            depth += 2  # new/ or cur/, then the message file
-            test = ["(", "-path", f"*/{leaf}/new/*", "-o", "-path", f"*/{leaf}/cur/*", ")",
-                    "!", "-name", ".*", "-printf", "%h\\n"]
-        else:
-            test = ["-path", f"*/{leaf}", "-printf", "%s %p\\n"]
-        argv = [
-            "sh", "-c", SCAN_SCRIPT, "mailrec-scan", *sorted(starts), "--",
-            "-mindepth", str(depth), "-maxdepth", str(depth), "-type", "f", *test,
-        ]
-        return argv, owners
-
-
-def parse_scan(output: str, kind: str, owners: Mapping[str, str]) -> dict[str, int]:
-    """Messages per user from the scan's `uniq -c` lines (`COUNT DIR` for Maildirs,
-    `1 SIZE FILE` for mboxes) and its final `N mailrec-find-status S` line.
-
-    An mbox counts as one message when it is not empty: its size is read, not its content
-    (counting `From ` lines would read every mailbox on every observation), and "holds
-    mail" is what the drain gate and MR008 need. Raises PostfixError when find failed.
-    """
-    counts: dict[str, int] = {}
-    status: int | None = None
-    for line in output.splitlines():
-        number, _, payload = line.strip().partition(" ")
-        if not number.isdigit():
-            continue
-        if payload.startswith(_STATUS_TAG + " "):
-            code = payload[len(_STATUS_TAG) + 1 :].strip()
-            status = int(code) if code.isdigit() else 255
-            continue
-        if kind == "mbox":
-            size, _, payload = payload.partition(" ")
-            amount = 1 if size.isdigit() and int(size) > 0 else 0
-        else:
-            amount = int(number)
-        user = owners.get(payload)
-        if user is not None:
-            counts[user] = counts.get(user, 0) + amount
-    if status is None:
-        raise PostfixError("the mailbox scan ended early (no status line): output incomplete")
-    if status != 0:
-        raise PostfixError(f"the mailbox scan (find) exited {status}: counts incomplete")
-    return counts
 
 
 def managed_files(listing: str) -> frozenset[str]:
@@ -269,7 +129,8 @@ class PostfixHost:
     """The onprem Postfix behind `transport`; same methods and facts as `LabOnprem`."""
 
     def __init__(
-        self, transport: Transport, domain: str, onprem: Onprem, *, log_lines: int = LOG_LINES
+        self, transport: Transport, domain: str, onprem: Onprem, *,
+        quiet_period: timedelta = timedelta(hours=48), log_lines: int = LOG_LINES,
     ) -> None:
         self.transport = transport
         self.domain = domain.lower()
@@ -279,6 +140,10 @@ class PostfixHost:
         except UnsafePathError as exc:
             raise PostfixError(f"onprem: {exc}") from None
         self.mailbox = MailboxSpec.parse(onprem.mailbox)
+        self.log_zone = ZoneInfo(onprem.log_timezone)
+        self.uid_range = onprem.uid_range  # None: the host's /etc/login.defs says
+        # The log is read back to the start of the quiet period (MR010), and a little more.
+        self.quiet_period = quiet_period
         self.log_lines = log_lines
 
     def __repr__(self) -> str:
@@ -328,19 +193,7 @@ class PostfixHost:
         return {user: str(home) for user, home in parse_passwd(text).items()}
 
     def _count(self, homes: Mapping[str, str]) -> dict[str, int]:
-        if not homes:
-            return {}
-        try:
-            argv, owners = self.mailbox.scan_argv(homes)
-        except UnsafePathError as exc:
-            raise PostfixError(f"cannot count onprem mailboxes: {exc}") from None
-        result = self._run("count onprem mailboxes", argv)
-        try:
-            counts = parse_scan(result.text, self.mailbox.kind, owners)
-        except PostfixError as exc:
-            detail = self.transport.mask(result.stderr.decode("utf-8", "replace").strip())
-            raise PostfixError(f"{self.transport.host}: {exc}: {detail[-400:]}") from None
-        return {user: counts.get(user, 0) for user in homes}
+        return count_mailboxes(self.transport, self.mailbox, homes)
 
     # --- observe -------------------------------------------------------------------------
     def observe(self, now: datetime) -> PostfixFacts:
@@ -382,23 +235,9 @@ class PostfixHost:
         return result.ok
 
     def _last_mail(self, now: datetime) -> datetime | None:
-        try:
-            current = self.transport.run(["tail", "-n", str(self.log_lines), self.log_file])
-        except TransportError as exc:
-            # Without the log, "no mail seen" would open the retire gate (MR010): an error.
-            raise PostfixError(
-                f"cannot read the mail log {self.log_file} (set onprem.log_file to where this "
-                f"host logs Postfix): {exc}"
-            ) from exc
-        seen = last_mail_seen(current.text, now)
-        if seen is not None:
-            return seen
-        # Just after a rotation the current log may not show mail yet: the last mail is then
-        # in LOG.1 (logrotate's delaycompress keeps it uncompressed). Missing is fine.
-        older = self.transport.run(
-            ["tail", "-n", str(self.log_lines), safe_path(self.log_file + ".1")], check=False
-        )
-        return last_mail_seen(older.text, now) if older.ok else None
+        return read_last_mail(self.transport, self.log_file, now=now,
+                              since=now - self.quiet_period, tz=self.log_zone,
+                              lines=self.log_lines)
 
     # --- changes -------------------------------------------------------------------------
     def route_to_rental(self, user: str, smtp_host: str, port: int) -> None:

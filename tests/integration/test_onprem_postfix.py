@@ -16,13 +16,12 @@ from reconciler.drivers.postfix_host import (
     ARCHIVE_INFIX,
     REMOVED_LIST,
     RETIRED_MARKER,
-    MailboxSpec,
     PostfixHost,
     check_map_list,
     check_relay,
     managed_files,
-    parse_scan,
 )
+from reconciler.drivers.postfix_mailbox import MailboxSpec, parse_scan
 from reconciler.transport import LocalTransport, Transport
 
 from .onprem import (

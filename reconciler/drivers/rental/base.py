@@ -32,6 +32,8 @@ class Capability(StrEnum):
     MESSAGE_COUNTS = "message_counts"
     READ_WHITELIST = "read_whitelist"
     WRITE_WHITELIST = "write_whitelist"
+    LIST_ALIASES = "list_aliases"  # reads the rental's aliases (names and members)
+    CREATE_ALIAS = "create_alias"  # creates or changes an alias (a forwarding address)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ class RentalSnapshot:
     whitelist_verified: bool = False
     # Relay probes made: (the address the rental saw, whether it relayed without AUTH).
     relay_checks: tuple[tuple[IpAddress, bool], ...] = ()
+    # Aliases (forwarding addresses) the rental delivers for the domain: local part ->
+    # members as full addresses, sorted; None when the rental is seen to accept the name
+    # (an SMTP probe) but its members cannot be read. A name absent here has no alias there
+    # (a mailbox of that name is in `mailboxes`).
+    aliases: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class ProviderContext:
     state_dir: Path | None = None  # directory of the state file (for files kept in the repo)
     known_hosts: Path | None = None
     users: tuple[str, ...] = ()  # managed users (e.g. which addresses to probe)
+    aliases: tuple[str, ...] = ()  # alias names the state declares (probed like users)
     probe_source: str | None = None  # local address to bind SMTP probes to
     services: dict[str, str] = field(default_factory=dict)  # lab services.json
 
@@ -88,6 +96,11 @@ class RentalProvider(ABC):
     def set_whitelist(self, add: frozenset[IpNetwork], remove: frozenset[IpNetwork]) -> None:
         raise NotImplementedError(self.name)
 
+    def create_alias(self, name: str, members: tuple[str, ...]) -> None:
+        """Make `name@domain` deliver to `members` (full addresses) at the rental, replacing
+        an alias of that name; refused when a mailbox has the name."""
+        raise NotImplementedError(self.name)
+
     def instructions(self, action: str, target: str) -> str:
         """Exact steps for a person, when this provider cannot do `action` itself."""
         address = f"{target}@{self.context.domain}"
@@ -100,6 +113,13 @@ class RentalProvider(ABC):
             return (
                 f"Archive and delete the mailbox {address} in the control panel, "
                 f"then run: mailrec ack mailbox/{target}"
+            )
+        if action == "create_alias":
+            name, _, members = target.partition(":")
+            return (
+                f"In the {self.name} control panel, create the forwarding address (alias) "
+                f"{name}@{self.context.domain} delivering to {members.strip()}, "
+                f"then run: mailrec ack alias/{name}"
             )
         if action in ("add_whitelist", "remove_whitelist"):
             verb = "Add" if action == "add_whitelist" else "Remove"
