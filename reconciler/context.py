@@ -61,6 +61,8 @@ class Context:
     whitelist_min_prefix_v4: int = 24
     whitelist_min_prefix_v6: int = 48
     instructor: Instructor = field(default=_automated, compare=False)
+    onprem_public_ip: IpAddress | None = None
+    incoming_host: str = ""  # where users read the rental mailbox (POP/IMAP)
 
     @staticmethod
     def of(
@@ -100,6 +102,8 @@ class Context:
             egress_ips=known,
             whitelist_min_prefix_v4=policy.whitelist_min_prefix_v4,
             whitelist_min_prefix_v6=policy.whitelist_min_prefix_v6,
+            onprem_public_ip=state.onprem.public_ip,
+            incoming_host=state.rental.incoming_host or state.rental.smtp_host,
         )
 
     @property

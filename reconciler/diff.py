@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Set
 
-from reconciler.context import Context
+from reconciler.context import Context, spf_ip_term
 from reconciler.model import DesiredState, Side, SmtpRoute
 from reconciler.steps import (
     ChangeWhitelist,
+    CreateAlias,
     CreateMailbox,
+    DetachUpstream,
     EnableRecipientMap,
     MoveInbound,
     MoveMx,
     MoveOutbound,
+    RemoveFallback,
     RemoveOnpremMailbox,
     RetireOnprem,
     SetDefaultRoute,
@@ -36,6 +39,7 @@ def diff(state: DesiredState, world: World, ctx: Context) -> list[Step]:
     steps: list[Step] = []
     steps.extend(_user_steps(state, world, ctx))
     steps.extend(_onprem_steps(state, world, ctx))
+    steps.extend(_alias_steps(state, world))
     steps.extend(_spf_steps(state, world, ctx))
     steps.extend(_mx_steps(state, world, ctx))
     steps.extend(_whitelist_steps(state, world))
@@ -50,12 +54,14 @@ def _user_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]:
         if want.inbound is Side.RENTAL:
             if not have.rental_mailbox:
                 steps.append(CreateMailbox(name))
-            if have.route is not Side.RENTAL or have.route_drift or not have.onprem_accepts:
-                steps.append(MoveInbound(name, Side.RENTAL))
+            # A user the seed's fallback_transport carries gets mailrec's own entry (adopted).
+            if (have.route is not Side.RENTAL or have.route_drift or not have.onprem_accepts
+                    or have.via_fallback):
+                steps.append(MoveInbound(name, Side.RENTAL, ctx.incoming_host))
             if have.onprem_account and ctx.remove_drained_accounts:
                 steps.append(RemoveOnpremMailbox(name, have.onprem_messages))
         elif have.route is Side.RENTAL:
-            steps.append(MoveInbound(name, Side.ONPREM))
+            steps.append(MoveInbound(name, Side.ONPREM, ctx.onprem_mx.rstrip(".")))
         outbound = ctx.outbound_for(want.outbound)
         if have.outbound is not outbound:
             steps.append(MoveOutbound(name, outbound))
@@ -69,6 +75,25 @@ def _onprem_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]
         steps.append(EnableRecipientMap())
     if state.onprem.state == "retired" and not world.onprem.retired:
         steps.append(RetireOnprem())
+    if world.onprem.fallback_to_rental:
+        carried = tuple(world.users_where(lambda f: f.via_fallback))
+        steps.append(RemoveFallback(carried))
+    if state.onprem.state == "retired":
+        steps.extend(DetachUpstream(host, state.onprem.mx_host)
+                     for host, _ in world.onprem.upstream_pending)
+    return steps
+
+
+def _alias_steps(state: DesiredState, world: World) -> list[Step]:
+    steps: list[Step] = []
+    for name in sorted(state.aliases):
+        members = state.alias_members(name)
+        if members is None:
+            continue  # rental / onprem / drop: nothing for mailrec to create
+        have = world.addresses.get(name)
+        if have is None or not have.at_rental or (
+                have.rental_members is not None and have.rental_members != members):
+            steps.append(CreateAlias(name, members))
     return steps
 
 
@@ -96,13 +121,29 @@ def _spf_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]:
         _insert_term(added, ctx.rental_spf_term)
     if needs_onprem and ctx.onprem_spf_term not in added:
         _insert_term(added, ctx.onprem_spf_term)
+    # The policy route sends every LAN host's tcp/25 through the new line, onprem's own mail
+    # (and a relay in front of it) included: that line must pass SPF while onprem sends.
+    egress = _egress_term(state)
+    onprem_sends = state.onprem.state != "retired"
+    if egress and onprem_sends and egress not in added:
+        _insert_term(added, egress)
     steps: list[Step] = []
     if added != current:
         steps.append(SetSpf(tuple(world.dns.spf_terms), tuple(added)))
-    if retiring and ctx.onprem_spf_term in added:
-        final = tuple(t for t in added if t != ctx.onprem_spf_term)
+    retired_terms = {ctx.onprem_spf_term} if retiring else set()
+    if egress and not onprem_sends:
+        retired_terms.add(egress)
+    if retired_terms & set(added):
+        final = tuple(t for t in added if t not in retired_terms)
         steps.append(SetSpf(tuple(added), final, retire=True))
     return steps
+
+
+def _egress_term(state: DesiredState) -> str | None:
+    route = state.router.smtp_route if state.router else None
+    if route is None or route.egress_ip == state.onprem.public_ip:
+        return None
+    return spf_ip_term(route.egress_ip)
 
 
 def _mx_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]:

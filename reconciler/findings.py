@@ -18,8 +18,9 @@ RULES: dict[str, str] = {
     "MR004": "the MX moves only after its TTL was lowered to cutover_ttl at least the old TTL ago",
     "MR005": "outbound via the rental on port 25 without AUTH needs every gateway tcp/25 may leave "
     "through to have a declared address the rental is seen (not told) to relay for",
-    "MR006": "SPF authorises the rental before anyone sends through it, and keeps the onprem IP "
-    "while anyone still sends through onprem",
+    "MR006": "SPF authorises the rental before anyone sends through it, keeps the onprem IP "
+    "while anyone still sends through onprem, and authorises the office line the router sends "
+    "tcp/25 through while onprem still sends its own mail",
     "MR007": "onprem recipient validation must accept every user routed to the rental",
     "MR008": "no step deletes a mailbox that still holds messages",
     "MR009": "the router always keeps a default route; a route references a filter only after "
@@ -31,14 +32,23 @@ RULES: dict[str, str] = {
     "MR013": "no step leaves a receiving user with nowhere to receive (onprem would answer 550)",
     "MR014": "mailrec takes only a router filter number no other line defines or uses, and "
     "replaces only its own unchanged smtp pass filter",
-    "MR015": "an unmanaged user still receives onprem (not in the state file)",
+    "MR015": "an unmanaged user still receives onprem (not in the state file); an account "
+    "outside the uid range that holds mail blocks the MX move until the state says where its "
+    "name goes",
     "MR016": "every rental relay whitelist entry is narrower than policy.whitelist_min_prefix_v4 "
     "/ _v6 (default /24 and /48), and never a default route (0.0.0.0/0, ::/0): no open relay",
     "MR017": "SPF follows RFC 7208: one v=spf1 record, well-formed terms, at most 10 DNS "
     "lookups, no +all or all (?all is neutral and allowed), no ip4/ip6 wider than the "
     "whitelist bounds",
     "MR018": "mailrec's own entries (onprem transport and recipient maps) say what the state "
-    "would write; a changed rental host or port or a hand edit is drift, repaired by a step",
+    "would write, for every local name of a migrated user; a changed rental host or port, a "
+    "hand edit or a missing name is drift, repaired by a step",
+    "MR019": "the rental takes the domain's mail (MX, or anyone sending through it) only when "
+    "every name onprem receives for (aliases, virtual aliases, accounts holding mail) has a "
+    "destination seen at the rental or is declared drop, and every table onprem reads is "
+    "readable",
+    "MR020": "no mail is delivered into a moved user's old onprem mailbox after mailrec archived "
+    "it (something still delivers it locally)",
 }
 
 

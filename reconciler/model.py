@@ -180,6 +180,9 @@ class Rental(StrictModel):
     submission_port: Port = 587
     spf: str
     whitelist: list[Network] = Field(default_factory=list)
+    # The POP/IMAP server users read their rental mailbox from (mail-client instructions);
+    # default: smtp_host.
+    incoming_host: str | None = None
     # Provider-specific settings (e.g. the ssh provider's connect string), checked by the provider.
     options: dict[str, str] = Field(default_factory=dict)
 
@@ -198,6 +201,11 @@ class Rental(StrictModel):
     @classmethod
     def _smtp_host(cls, value: str) -> str:
         return check_host(value)
+
+    @field_validator("incoming_host")
+    @classmethod
+    def _incoming_host(cls, value: str | None) -> str | None:
+        return None if value is None else check_host(value)
 
     @field_validator("spf")
     @classmethod
@@ -379,9 +387,10 @@ class DesiredState(StrictModel):
     @model_validator(mode="after")
     def _aliases(self) -> DesiredState:
         for name, target in self.aliases.items():
-            if not USER_NAME_RE.match(name):
+            if name != "*" and not USER_NAME_RE.match(name):
                 raise field_error(("aliases", name), f"alias name {name!r} is not allowed: "
-                                  "lower-case letters, digits, '.', '_' and '-'")
+                                  "lower-case letters, digits, '.', '_' and '-' (or * for "
+                                  "onprem's catch-all)")
             if name in self.users:
                 raise field_error(("aliases", name), f"{name} is a user and an alias: a name "
                                   "is one or the other")

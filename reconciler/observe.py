@@ -17,12 +17,16 @@ import ipaddress
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import immutables
+
 from reconciler.drivers.dns import DnsRecords
-from reconciler.drivers.postfix import PostfixFacts, relay_target
+from reconciler.drivers.postfix import AddressSpace, PostfixFacts, relay_target
 from reconciler.drivers.rental.base import RentalSnapshot
 from reconciler.journal import Journal
 from reconciler.model import DesiredState, Side
 from reconciler.world import (
+    AddressFacts,
+    AddressKind,
     DnsFacts,
     History,
     IpAddress,
@@ -40,6 +44,7 @@ BASELINE = "mailrec/baseline"  # the first apply saw no migration: everyone sent
 # step "dns/mx-ttl", detail {"lowering": true, "observed": true}: a lowering no apply made
 # step "dns/mx-ttl", detail {"seen_ttl": N}: the MX TTL seen while not lowered
 
+CATCH_ALL = "*"  # the state's and the world's name for a virtual `@domain` catch-all
 _LEGACY_OUTBOUND = {"rental": Outbound.RELAY}  # acks written before the mode was recorded
 
 
@@ -129,6 +134,61 @@ def migration_started(*, routed: bool, mx_at_rental: bool, spf_terms: tuple[str,
     return routed or mx_at_rental or state.rental.spf in spf_terms
 
 
+def fallback_to_rental(space: AddressSpace, state: DesiredState) -> bool | None:
+    """Whether onprem's fallback_transport/luser_relay hands names without an account to the
+    rental (True), to somewhere else (None: where those names go is unknown), or is not
+    set (False)."""
+    settings = [v for v in (space.fallback_transport, space.luser_relay) if v.strip()]
+    if not settings:
+        return False
+    rental = {state.rental.smtp_host.lower().strip("[]."), state.rental.mx_host.lower().rstrip(".")}
+    if all(any(host in value.lower() for host in rental) for value in settings):
+        return True
+    return None
+
+
+def _unseen(space: AddressSpace, fallback: bool | None) -> tuple[str, ...]:
+    unseen = [f"{name} (a table mailrec cannot read)" for name in space.unreadable]
+    unseen += [f"mydestination {name} (cannot be expanded)" for name in space.unresolved]
+    if fallback is None:
+        unseen.append(f"names without an account go to fallback_transport/luser_relay "
+                      f"({space.fallback_transport or space.luser_relay})")
+    return tuple(unseen)
+
+
+def build_addresses(state: DesiredState, space: AddressSpace, rental: RentalSnapshot,
+                    users: set[str]) -> dict[str, AddressFacts]:
+    """Every name onprem receives for that is not a user, with what the rental does with it
+    and what the state decides for it."""
+    found: dict[str, AddressFacts] = {}
+    domain = state.domain.lower()
+    if not space.local_domains or domain in space.local_domains:
+        for name, members in space.aliases.items():
+            found[name] = AddressFacts(AddressKind.ALIAS, members)
+    for name, members in space.virtual_aliases.items():
+        key = name or CATCH_ALL
+        if key not in found:
+            found[key] = AddressFacts(AddressKind.CATCH_ALL if not name else AddressKind.VIRTUAL,
+                                      members)
+    for name, messages in space.other_accounts.items():
+        if messages:
+            old = found.get(name)
+            found[name] = AddressFacts(old.kind if old else AddressKind.ACCOUNT,
+                                       old.members if old else (), messages)
+    for name in state.aliases:
+        found.setdefault(name, AddressFacts(AddressKind.ALIAS))
+    result: dict[str, AddressFacts] = {}
+    for name, facts in found.items():
+        if name in users:
+            continue  # a user's name is the user's (their own rules cover it)
+        target = state.aliases.get(name)
+        keep = None if target is None else ("members" if isinstance(target, list) else target)
+        at_rental = name in rental.aliases or name in rental.mailboxes
+        result[name] = AddressFacts(facts.kind, facts.members, facts.messages, at_rental,
+                                    rental.aliases.get(name), keep)
+    return result
+
+
 def build_world(
     state: DesiredState,
     *,
@@ -139,14 +199,20 @@ def build_world(
     journal: JournalView,
     now: datetime,
 ) -> World:
+    space = postfix.space
     names = (
         set(postfix.accounts) | set(postfix.transport) | set(postfix.recipients)
         | set(rental.mailboxes) | set(journal.outbound) | set(state.users)
+        | set(space.stray_mail)
     )
     assume_onprem = journal.baseline or not migration_started(
         routed=bool(postfix.transport), mx_at_rental=dns.mx_hosts == (state.rental.mx_host,),
         spf_terms=dns.spf_terms, state=state)
     expected_route = relay_target(state.rental.smtp_host, state.rental.relay_port)
+    fallback = fallback_to_rental(space, state)
+    # local_recipient_maps empty: smtpd accepts every name at a local domain (known only
+    # when the address space was read).
+    accepts_all = space.local_recipient_maps is not None and not space.local_recipient_maps
     users: list[tuple[str, UserFacts]] = []
     for name in names:
         account = name in postfix.accounts
@@ -155,30 +221,39 @@ def build_world(
             outbound = Outbound.ONPREM if assume_onprem and (
                 account or name in state.users) else Outbound.UNKNOWN
         target = postfix.transport.get(name)
+        via_fallback = fallback is True and target is None and not account
         users.append(
             (
                 name,
                 UserFacts(
                     onprem_account=account,
                     onprem_messages=postfix.accounts.get(name, 0),
-                    route=Side.RENTAL if target is not None else Side.ONPREM,
-                    relay_recipient=postfix.recipients.get(name, "").upper() == "OK",
+                    route=Side.RENTAL if target is not None or via_fallback else Side.ONPREM,
+                    relay_recipient=accepts_all
+                    or postfix.recipients.get(name, "").upper() == "OK",
                     rental_mailbox=name in rental.mailboxes,
                     rental_messages=rental.mailboxes.get(name),
                     outbound=outbound,
-                    route_drift=target is not None and target != expected_route,
+                    route_drift=target is not None and (
+                        target != expected_route or name in postfix.partial_forward),
+                    stray_messages=space.stray_mail.get(name, 0),
+                    via_fallback=via_fallback,
                 ),
             )
         )
     onprem_mx, rental_mx = state.onprem.mx_host, state.rental.mx_host
     sides: dict[tuple[str, ...], Side] = {(onprem_mx,): Side.ONPREM, (rental_mx,): Side.RENTAL}
     mx_side = sides.get(dns.mx_hosts)
+    addresses = build_addresses(state, space, rental, names)
     return World.build(
         users,
         onprem=OnpremFacts(
             recipient_validation=postfix.recipient_validation,
             last_mail_at=postfix.last_mail_at,
             retired=postfix.retired,
+            unseen=_unseen(space, fallback),
+            fallback_to_rental=fallback is True,
+            upstream_pending=upstream_pending(state, journal),
         ),
         rental=RentalFacts(
             domain_accepted=rental.domain_accepted,
@@ -200,7 +275,17 @@ def build_world(
         router=router,
         history=History(journal.mx_ttl_lowered_at, journal.mx_moved_at, journal.mx_old_ttl),
         now=now,
+        addresses=immutables.Map(addresses),
     )
+
+
+def upstream_pending(state: DesiredState, journal: JournalView) -> tuple[tuple[str, str], ...]:
+    """Relays in front of onprem not yet confirmed detached: each needs a person's ack (an
+    `upstream/<host>` step) that it no longer routes to onprem and its queue for onprem is
+    empty. Nothing else is trusted: without it, onprem's retirement would bounce whatever
+    the relay still queues for it once its queue lifetime runs out."""
+    return tuple((u.host, "not verified: no ack that it stopped routing to onprem")
+                 for u in state.onprem.upstream if f"upstream/{u.host}" not in journal.acked)
 
 
 def observations_to_record(world: World, view: JournalView, state: DesiredState,
@@ -237,8 +322,10 @@ def world_checksum(world: World, state_digest: str = "") -> str:
         digest.update(
             f"{name}|{facts.onprem_account}|{facts.onprem_messages}|{facts.route}|"
             f"{facts.route_drift}|{facts.relay_recipient}|{facts.rental_mailbox}|"
-            f"{facts.outbound}\n".encode()
+            f"{facts.outbound}|{facts.stray_messages}|{facts.via_fallback}\n".encode()
         )
+    for name in sorted(world.addresses.keys()):
+        digest.update(f"@{name}|{world.addresses[name]!r}\n".encode())
     rental = world.rental
     whitelist = sorted(map(str, rental.whitelist))
     digest.update(
@@ -246,6 +333,7 @@ def world_checksum(world: World, state_digest: str = "") -> str:
               rental.domain_accepted, whitelist, rental.whitelist_verified,
               sorted((str(a), r) for a, r in rental.relay_checks),
               world.dns.mx_hosts, world.dns.mx_ttl, world.dns.spf_terms, world.dns.soa_serial,
-              world.dns.spf_records, world.router)).encode()
+              world.dns.spf_records, world.router, world.onprem.unseen,
+              world.onprem.fallback_to_rental, world.onprem.upstream_pending)).encode()
     )
     return digest.hexdigest()[:32]

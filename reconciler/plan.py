@@ -22,7 +22,8 @@ from enum import StrEnum
 from reconciler.context import Context
 from reconciler.findings import Finding, Gate, Severity, subjects_text
 from reconciler.model import DesiredState, Side
-from reconciler.safety import check_transition, check_world
+from reconciler.safety import check_transition, check_world, violations
+from reconciler.safety_addresses import address_findings
 from reconciler.static import static_findings
 from reconciler.steps import MoveInbound, MoveOutbound, Step
 from reconciler.world import Outbound, World
@@ -162,6 +163,17 @@ def _unmanaged_findings(state: DesiredState, world: World) -> list[Finding]:
     ]
 
 
+def _address_space_findings(world: World, ctx: Context) -> list[Finding]:
+    """What onprem receives for that the state does not settle yet, as a warning while it
+    blocks nothing (the MX is onprem, nobody sends through the rental): the admin sees it
+    in the first plan, with the lines to copy into `aliases:`, long before the MX move
+    that it will block (MR019)."""
+    broken = violations(world, ctx)
+    return [Finding(f.code, f"before the MX can move: {f.message}", f.subjects, f.remedy,
+                    Severity.WARN) for f in address_findings(world, ctx)
+            if f.code not in broken]  # else the drift findings say it already
+
+
 @contextmanager
 def no_gc_pauses() -> Iterator[None]:
     """Planning allocates many small immutable objects and frees none of them in cycles;
@@ -200,6 +212,7 @@ def _make_plan(
     ordered = sorted(steps, key=lambda s: (s.rank, s.id))
     plan_findings: list[Finding] = static_findings(state)
     plan_findings.extend(_unmanaged_findings(state, world))
+    plan_findings.extend(_address_space_findings(world, ctx))
     drift = tuple(
         Finding(f.code, f"the observed world already breaks this: {f.message}", f.subjects,
                 f.remedy, Severity.REFUSE)

@@ -60,6 +60,8 @@ def _step_json(planned: PlannedStep) -> dict[str, object]:
         "findings": findings,
         "data": step.data(),
     }
+    if step.notes:
+        data["notes"] = list(step.notes)
     if planned.gate is not None:
         data["gate"] = {
             "kind": planned.gate.kind,
@@ -82,6 +84,8 @@ def render_markdown(plan: Plan, title: str = "mailrec plan") -> str:
             reasons = "<br>".join(_md(r) for r in planned.reasons()) or ""
             if planned.gate and planned.gate.instructions:
                 reasons += "<br>" + "<br>".join(_md(i) for i in planned.gate.instructions)
+            if planned.step.notes:
+                reasons += "<br>" + "<br>".join(_md(i) for i in planned.step.notes)
             icon = {Status.READY: "✅", Status.GATED: "⏳", Status.REFUSED: "⛔"}[planned.status]
             out.append(
                 f"| `{sigil}` | `{planned.id}` | {icon} {planned.status} | "
@@ -119,10 +123,10 @@ def render_text(plan: Plan, *, color: bool = False, width: int = 100) -> str:
         for reason in planned.reasons():
             console.print(Text(f"      {reason}", style="dim" if planned.status is Status.READY
                                else style))
-        if planned.gate is not None:
-            for instruction in planned.gate.instructions:
-                indented = instruction.replace("\n", "\n        ")
-                console.print(Text(f"      > {indented}", style="cyan"))
+        instructions = (planned.gate.instructions if planned.gate is not None else ())
+        for instruction in (*instructions, *planned.step.notes):
+            indented = instruction.replace("\n", "\n        ")
+            console.print(Text(f"      > {indented}", style="cyan"))
     for finding in plan.findings:
         console.print(Text(f"! {finding.text()}", style="red" if finding.severity == "refuse"
                            else "yellow"))

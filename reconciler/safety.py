@@ -26,6 +26,15 @@ from typing import Protocol
 from reconciler.context import Context
 from reconciler.findings import Finding, subjects_text
 from reconciler.model import Side
+from reconciler.safety_addresses import (
+    address_findings,
+    address_measures,
+    egress_spf_findings,
+    egress_spf_measure,
+    retired_address_findings,
+    retired_address_measure,
+    stray_findings,
+)
 from reconciler.safety_router import router_transition_findings
 from reconciler.spf import spf_problems, too_wide
 from reconciler.world import RouterFacts, UserFacts, World
@@ -57,6 +66,10 @@ def _memo(kind: str, parts: tuple[object, ...], compute: Callable[[], list[str]]
     result = compute()
     _part_cache[kind] = (parts, result)
     return result
+
+
+def _memo_count(kind: str, parts: tuple[object, ...], compute: Callable[[], int]) -> int:
+    return len(_memo(kind, parts, lambda: ["x"] * compute()))
 
 
 def _egress_problems(world: World, ctx: Context) -> list[str]:
@@ -160,17 +173,24 @@ def _measure(world: World, ctx: Context) -> dict[str, Measure]:
             note("MR005", c.may_relay, len(problems))
     note("MR006",
          0 if world.dns.spf_has(ctx.rental_spf_term) else c.may_send_rental,
-         0 if world.dns.spf_has(ctx.onprem_spf_term) else c.may_send_onprem)
+         0 if world.dns.spf_has(ctx.onprem_spf_term) else c.may_send_onprem,
+         _memo_count("egress-spf", (world.router, world.dns, ctx),
+                     lambda: egress_spf_measure(world, ctx)))
     note("MR007", c.routed_unaccepted if world.onprem.recipient_validation
          else c.routed_without_account)
     if world.router is not None:
         router = world.router
         note("MR009", len(_memo("router", (router,), lambda: _router_problems(router))))
     if world.onprem.retired:
-        note("MR010", int(world.dns.mx is not Side.RENTAL), c.may_send_onprem, c.holding_onprem)
+        note("MR010", int(world.dns.mx is not Side.RENTAL), c.may_send_onprem, c.holding_onprem,
+             *retired_address_measure(world))
     note("MR016", len(_wide_whitelist(world, ctx)))
     note("MR017", len(_spf_problems(world, ctx)))
     note("MR018", c.drifted)
+    names, accounts = address_measures(world)
+    note("MR015", *accounts)
+    note("MR019", *names)
+    note("MR020", c.stray)
     return found
 
 
@@ -296,6 +316,7 @@ def _global_findings(world: World, ctx: Context, code: str) -> Iterator[Finding]
                       "to relay for (an observed whitelist or a relay probe), or move those "
                       "clients to the submission port with AUTH")
     elif code == "MR006":
+        yield from egress_spf_findings(world, ctx)
         if world.counts.may_send_rental and not world.dns.spf_has(ctx.rental_spf_term):
             senders = _senders(world, "may_send_rental", "may send via the rental")
             yield Finding("MR006", f"{senders}, but SPF lacks {ctx.rental_spf_term}: their "
@@ -312,6 +333,11 @@ def _global_findings(world: World, ctx: Context, code: str) -> Iterator[Finding]
                           "route references it")
     elif code == "MR010" and world.onprem.retired:
         yield from _retired_findings(world)
+        yield from retired_address_findings(world)
+    elif code in ("MR015", "MR019"):
+        yield from address_findings(world, ctx, code)
+    elif code == "MR020":
+        yield from stray_findings(world, ctx)
     elif code == "MR016":
         wide = _wide_whitelist(world, ctx)
         yield Finding("MR016", f"the rental relays without AUTH for {', '.join(wide)}, wider than "

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_MIN_PREFIX_V4 = 24
 DEFAULT_MIN_PREFIX_V6 = 48
@@ -392,3 +393,16 @@ def txt_problems(
         problems.extend(spf_problems(record.split(), min_prefix_v4=min_prefix_v4,
                                      min_prefix_v6=min_prefix_v6))
     return problems
+
+
+def authorises_address(terms: Sequence[str], address: IPAddress) -> bool:
+    """Whether a passing ip4/ip6 term of the record names `address` (a, mx and include are
+    not resolved here: they do not count, so the answer errs towards "not authorised")."""
+    for text in terms:
+        try:
+            term = parse_term(text)
+        except SpfSyntaxError:
+            continue
+        if term.passes and term.network is not None and address in term.network:
+            return True
+    return False

@@ -6,9 +6,10 @@ validate` shows these findings, and the planner repeats them at the top of every
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 
-from reconciler.findings import Finding, subjects_text
+from reconciler.findings import Finding, Severity, subjects_text
 from reconciler.model import DesiredState, Side
 from reconciler.spf import effective_prefix, is_too_wide, term_problems, width_text
 
@@ -79,7 +80,35 @@ def static_findings(state: DesiredState, locate: Locate | None = None) -> list[F
                 )
             )
     found.extend(_relay_and_spf_findings(state, locate or (lambda _path: None)))
+    found.extend(_upstream_findings(state, locate or (lambda _path: None)))
     return found
+
+
+def _upstream_findings(state: DesiredState, locate: Locate) -> list[Finding]:
+    """The MX names a host that is neither the Postfix mailrec manages nor a declared relay
+    in front of it: mail may queue on a relay mailrec knows nothing of (multi-hop inbound),
+    which would bounce it once onprem retires. Names only: an address cannot be compared."""
+    onprem = state.onprem
+    mx = onprem.mx_host.rstrip(".").lower()
+    managed = (onprem.connect.host or "").rstrip(".").lower()
+    relays = {u.host.rstrip(".").lower() for u in onprem.upstream}
+    if not managed or mx == managed or mx in relays or _is_address(managed):
+        return []
+    return [Finding(
+        "MR012", f"onprem.mx_host {mx} is not the host mailrec manages "
+        f"(onprem.connect {managed}): if {mx} is a relay in front of it (a DMZ host), "
+        "declare it under onprem.upstream so onprem retires only after it stops routing "
+        "there; if it is the same machine, ignore this",
+        ("onprem",), "declare onprem.upstream: [{host: " + mx + ".}] (or make connect name "
+        "the MX host)", Severity.WARN, where=locate("onprem.mx_host") or "")]
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host in ("localhost", "lab")
+    return True
 
 
 def _relay_and_spf_findings(state: DesiredState, locate: Locate) -> list[Finding]:

@@ -64,6 +64,12 @@ class UserFacts:
     # mailrec's transport entry for this user says something the state would not write (a
     # changed rental host or port, a hand edit such as `error:`): mail goes elsewhere.
     route_drift: bool = False
+    # Messages in a mailbox onprem recreated after mailrec archived the user's: something
+    # still delivers this user's mail locally (MR020). Counted for retire (MR010).
+    stray_messages: int = 0
+    # Routed to the rental by onprem's fallback_transport/luser_relay (a seed-style
+    # migration: the account deleted by hand), not by mailrec's map.
+    via_fallback: bool = False
 
     def evolve(self, **changes: object) -> UserFacts:
         """`dataclasses.replace`, without its per-call introspection (a planning hot path)."""
@@ -77,6 +83,8 @@ class UserFacts:
             get("rental_messages", self.rental_messages),  # type: ignore[arg-type]
             get("outbound", self.outbound),  # type: ignore[arg-type]
             get("route_drift", self.route_drift),  # type: ignore[arg-type]
+            get("stray_messages", self.stray_messages),  # type: ignore[arg-type]
+            get("via_fallback", self.via_fallback),  # type: ignore[arg-type]
         )
 
     @property
@@ -118,6 +126,8 @@ class UserCounts:
     routed_unaccepted: int = 0  # MR007
     drifted: int = 0  # MR018
     holding_onprem: int = 0  # MR010 once retired
+    stray: int = 0  # MR020
+    via_fallback: int = 0
 
     @staticmethod
     @lru_cache(maxsize=4096)  # few distinct UserFacts values exist; counting is a hot path
@@ -136,7 +146,10 @@ class UserCounts:
             int(routed and not facts.onprem_account),
             int(routed and not facts.onprem_accepts),
             int(facts.route_drift),
-            int(facts.onprem_account and facts.onprem_messages > 0),
+            int((facts.onprem_account and facts.onprem_messages > 0)
+                or facts.stray_messages > 0),
+            int(facts.stray_messages > 0),
+            int(facts.via_fallback),
         )
 
     def __add__(self, other: UserCounts) -> UserCounts:
@@ -154,6 +167,8 @@ class UserCounts:
             self.routed_unaccepted + other.routed_unaccepted,
             self.drifted + other.drifted,
             self.holding_onprem + other.holding_onprem,
+            self.stray + other.stray,
+            self.via_fallback + other.via_fallback,
         )
 
     def __sub__(self, other: UserCounts) -> UserCounts:
@@ -171,7 +186,38 @@ class UserCounts:
             self.routed_unaccepted - other.routed_unaccepted,
             self.drifted - other.drifted,
             self.holding_onprem - other.holding_onprem,
+            self.stray - other.stray,
+            self.via_fallback - other.via_fallback,
         )
+
+
+class AddressKind(StrEnum):
+    ALIAS = "alias"  # aliases(5): a local name expanded by local(8)
+    VIRTUAL = "virtual alias"  # virtual_alias_maps: rewritten by cleanup(8)
+    ACCOUNT = "account"  # a Unix account outside the people's uid range, holding mail
+    CATCH_ALL = "catch-all"  # a virtual `@domain` entry: every other name
+
+
+@dataclass(frozen=True, slots=True)
+class AddressFacts:
+    """A name onprem receives for that is not a mail user, and what the rental does with it."""
+
+    kind: AddressKind
+    members: tuple[str, ...] = ()  # what onprem expands it to today, as written there
+    messages: int = 0  # mail held (an account's mailbox)
+    # The rental delivers this name (an alias there, or a mailbox of that name), as observed
+    # (read from the rental, or accepted by an SMTP probe). A state file saying so is not it.
+    at_rental: bool = False
+    rental_members: tuple[str, ...] | None = None  # as read at the rental (None: unknown)
+    # The state's `aliases:` entry: "members" (the state lists them), "rental", "onprem",
+    # "drop", or None when the state does not name it.
+    keep: str | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Mail to this name has somewhere to go once the MX names the rental: the rental
+        is seen to deliver it, or the state gives it up on purpose (drop)."""
+        return self.at_rental or self.keep == "drop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +226,14 @@ class OnpremFacts:
     recipient_validation: bool = True  # local_recipient_maps includes mailrec's recipient map
     last_mail_at: datetime | None = None  # last delivery/relay seen in the Postfix log
     retired: bool = False
+    # Where onprem's names cannot be seen (a table mailrec cannot read, a mydestination
+    # lookup table): every name there is unknown, so none of them is known to be settled.
+    unseen: tuple[str, ...] = ()
+    # onprem's fallback_transport/luser_relay hands names without an account to the rental.
+    fallback_to_rental: bool = False
+    # Relays in front of onprem (onprem.upstream) that still route or queue mail to it:
+    # host -> why (observed, or "not verified" when no one confirmed it stopped).
+    upstream_pending: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +397,9 @@ class World:
     router: RouterFacts | None = None
     history: History = History()
     now: datetime = field(default_factory=_utc_epoch)
+    # Every name onprem receives for besides the users (aliases, virtual aliases, accounts
+    # outside the uid range holding mail): few, and changed by few steps.
+    addresses: immutables.Map[str, AddressFacts] = field(default_factory=immutables.Map)
 
     @staticmethod
     def build(users: Mapping[str, UserFacts] | Iterable[tuple[str, UserFacts]] = (),
@@ -363,16 +420,38 @@ class World:
             counts = counts - UserCounts.of(old)
         # Direct construction: `dataclasses.replace` dominated planning time at 100k users.
         return World(self.users.set(name, facts), counts, self.onprem, self.rental, self.dns,
-                     self.router, self.history, self.now)
+                     self.router, self.history, self.now, self.addresses)
 
     def update_user(self, name: str, **changes: object) -> World:
         return self.with_user(name, self.user(name).evolve(**changes))
+
+    def with_address(self, name: str, facts: AddressFacts) -> World:
+        return World(self.users, self.counts, self.onprem, self.rental, self.dns, self.router,
+                     self.history, self.now, self.addresses.set(name, facts))
+
+    def unsettled_addresses(self) -> list[str]:
+        """Names onprem receives for that would have nowhere to go at the rental (MR019)."""
+        return _unsettled(self.addresses)
 
     def iter_users(self) -> Iterator[tuple[str, UserFacts]]:
         return iter(sorted(self.users.items()))
 
     def users_where(self, predicate: Callable[[UserFacts], bool]) -> list[str]:
         return sorted(n for n, f in self.users.items() if predicate(f))
+
+
+_unsettled_cache: list[tuple[object, list[str]]] = []
+
+
+def _unsettled(addresses: immutables.Map[str, AddressFacts]) -> list[str]:
+    # Every world a plan simulates after a user step shares one addresses map: by identity.
+    for seen, names in _unsettled_cache:
+        if seen is addresses:
+            return names
+    names = sorted(n for n, a in addresses.items() if not a.settled)
+    _unsettled_cache.insert(0, (addresses, names))
+    del _unsettled_cache[2:]
+    return names
 
 
 EMPTY_USER = UserFacts()

@@ -114,7 +114,7 @@ def test_first_round_applies_the_router_steps(
     for status in ("ready", "gated", "refused"):
         assert metric(daemon, "mailrec_plan_steps", status=status) == 0
     assert metric(daemon, "mailrec_reconcile_total", result="ok") == 1
-    assert metric(daemon, "mailrec_steps_applied_total", result="ok") == 2
+    assert metric(daemon, "mailrec_steps_applied_total", result="ok") == 3
     last = metric(daemon, "mailrec_last_reconcile_timestamp_seconds")
     assert last is not None and last > 0
 
@@ -124,7 +124,7 @@ def test_first_round_applies_the_router_steps(
     try:
         applied = journal.events(kind="apply")
         assert {e.step for e in applied if e.result == "ok"} == {
-            "router/filter/10", "router/route/default"
+            "dns/spf", "router/filter/10", "router/route/default"
         }
         assert {e.source for e in applied} == {head}
     finally:
@@ -134,7 +134,7 @@ def test_first_round_applies_the_router_steps(
     before = tree_digest(daemon_lab.root)
     assert daemon.run(once=True) == 0
     assert tree_digest(daemon_lab.root) == before
-    assert metric(daemon, "mailrec_steps_applied_total", result="ok") == 2
+    assert metric(daemon, "mailrec_steps_applied_total", result="ok") == 3
 
 
 def test_a_new_commit_is_applied_on_the_next_round(

@@ -24,6 +24,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import immutables
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,12 +43,16 @@ from reconciler.safety import (
 )
 from reconciler.steps import (
     ChangeWhitelist,
+    CreateAlias,
     CreateMailbox,
+    DetachUpstream,
     MoveOutbound,
     RemoveOnpremMailbox,
     Step,
 )
 from reconciler.world import (
+    AddressFacts,
+    AddressKind,
     Coverage,
     DnsFacts,
     FilterVerdict,
@@ -97,7 +102,28 @@ def user_facts(draw: st.DrawFn) -> UserFacts:
         rental_messages=draw(st.sampled_from([None, 0, 1])),
         outbound=draw(st.sampled_from(list(Outbound))),
         route_drift=route is Side.RENTAL and draw(st.integers(0, 4)) == 0,
+        # Mail local(8) delivered after mailrec archived the mailbox (MR020), and users the
+        # seed's fallback_transport carries to the rental (their account deleted by hand).
+        stray_messages=draw(st.sampled_from([0, 0, 0, 2])) if not account else 0,
+        via_fallback=route is Side.RENTAL and not account and draw(st.integers(0, 3)) == 0,
     )
+
+
+ALIAS_NAMES = ["info", "sales", "postmaster", "yamada"]
+
+
+@st.composite
+def address_maps(draw: st.DrawFn) -> immutables.Map[str, AddressFacts]:
+    """What onprem receives for besides users: aliases, virtual aliases, an old account
+    holding mail; each maybe at the rental already, maybe declared by a state."""
+    found = {}
+    for name in draw(st.lists(st.sampled_from(ALIAS_NAMES), unique=True, max_size=3)):
+        kind = draw(st.sampled_from(list(AddressKind)))
+        found[name] = AddressFacts(
+            kind, ("suga",), draw(st.sampled_from([0, 3])) if kind is AddressKind.ACCOUNT else 0,
+            at_rental=draw(st.booleans()), keep=draw(st.sampled_from(
+                [None, "members", "rental", "onprem", "drop"])))
+    return immutables.Map(found)
 
 
 @st.composite
@@ -155,11 +181,17 @@ def worlds(draw: st.DrawFn) -> World:
                           and (n != EVERYONE or draw(st.booleans())))
     verified = draw(st.booleans())
     checks = ((EGRESS, draw(st.booleans())),) if draw(st.booleans()) else ()
+    upstream = (("relay.example.co.jp.", "not verified"),) if draw(
+        st.integers(0, 4)) == 0 else ()
     return World.build(
         users,
         onprem=OnpremFacts(recipient_validation=draw(st.booleans()),
                            last_mail_at=START - timedelta(hours=draw(st.integers(0, 100))),
-                           retired=draw(st.integers(0, 9)) == 0),
+                           retired=draw(st.integers(0, 9)) == 0,
+                           unseen=("ldap:/etc/postfix/ldap.cf",) if draw(
+                               st.integers(0, 6)) == 0 else (),
+                           fallback_to_rental=any(f.via_fallback for f in users.values()),
+                           upstream_pending=upstream),
         rental=RentalFacts(domain_accepted=draw(st.integers(0, 9)) > 0, whitelist=whitelist,
                            whitelist_verified=verified, relay_checks=checks),
         dns=DnsFacts(mx=mx, mx_hosts=(ONPREM_MX if mx is Side.ONPREM else RENTAL_MX,),
@@ -169,6 +201,7 @@ def worlds(draw: st.DrawFn) -> World:
         router=draw(routers()),
         history=History(mx_ttl_lowered_at=lowered, mx_moved_at=moved, mx_old_ttl=old_ttl),
         now=START,
+        addresses=draw(address_maps()),
     )
 
 
@@ -202,6 +235,12 @@ def desired_states(draw: st.DrawFn) -> DesiredState:
     policy = draw(st.sampled_from([10, 20, None]))  # renumbered, or the policy removed
     route = {**BASE["router"]["smtp_route"], "filter": policy} if policy else None
     data["router"] = {**BASE["router"], "smtp_route": route}
+    data["aliases"] = {n: draw(st.sampled_from([["suga@example.net"], "rental", "onprem",
+                                                "drop"]))
+                       for n in draw(st.lists(st.sampled_from(ALIAS_NAMES), unique=True,
+                                              max_size=3)) if n not in names}
+    if draw(st.booleans()):
+        data["onprem"]["upstream"] = [{"host": "relay.example.co.jp."}]
     return DesiredState.model_validate(data)
 
 
@@ -323,8 +362,8 @@ def _open_gates(world: World, plan: Plan, ctx: Context) -> World:
         step = planned.step
         if isinstance(step, RemoveOnpremMailbox):
             world = world.update_user(step.user, onprem_messages=0)
-        if isinstance(step, MoveOutbound | CreateMailbox | ChangeWhitelist) and (
-                not planned.findings):
+        if isinstance(step, MoveOutbound | CreateMailbox | ChangeWhitelist | CreateAlias
+                      | DetachUpstream) and not planned.findings:
             # The person did it and acked; `mailrec ack` checks the step against the world
             # as it is, not as the plan would leave it.
             after = step.simulate(world)

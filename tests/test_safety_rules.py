@@ -32,6 +32,7 @@ ONPREM_USER = UserFacts(onprem_account=True, outbound=Outbound.ONPREM)
 MIGRATED = UserFacts(route=Side.RENTAL, relay_recipient=True, rental_mailbox=True,
                      outbound=Outbound.ONPREM)
 POLICY_ROUTE = (("192.168.0.254", (10,)), ("tunnel 2", ()))
+EGRESS_SPF = "ip4:203.0.113.9"  # the line the policy route sends tcp/25 through (MR006)
 
 
 def state(users: dict[str, tuple[str, str]], **overrides: Any) -> DesiredState:
@@ -48,7 +49,7 @@ def world(users: dict[str, UserFacts], **parts: Any) -> World:
         "onprem": OnpremFacts(recipient_validation=True, last_mail_at=START - timedelta(days=5)),
         "rental": RentalFacts(domain_accepted=True, whitelist=frozenset({OFFICE})),
         "dns": DnsFacts(mx=Side.ONPREM, mx_hosts=(ONPREM_MX,), mx_ttl=3600,
-                        spf_terms=("v=spf1", ONPREM_SPF, RENTAL_SPF, "~all")),
+                        spf_terms=("v=spf1", ONPREM_SPF, RENTAL_SPF, EGRESS_SPF, "~all")),
         "router": RouterFacts(filters=frozenset({10}), default_route=POLICY_ROUTE),
         "history": History(),
         "now": START,
@@ -170,12 +171,41 @@ def test_mr006_spf_before_sending_and_onprem_ip_kept() -> None:
     the_plan = plan(desired, no_rental_spf)
     spf = the_plan.get("dns/spf")
     assert spf is not None and spf.status is Status.READY
-    assert spf.step.data()["after"] == f"v=spf1 {ONPREM_SPF} {RENTAL_SPF} -all"
+    assert spf.step.data()["after"] == f"v=spf1 {ONPREM_SPF} {RENTAL_SPF} {EGRESS_SPF} -all"
     ctx = Context.of(desired)
     sending = no_rental_spf.update_user("suga", outbound=Outbound.RELAY)
     assert "MR006" in {f.code for f in check_world(sending, ctx)}
     dropped = replace(no_rental_spf, dns=replace(no_rental_spf.dns, spf_terms=("v=spf1", "-all")))
     assert "MR006" in {f.code for f in check_world(dropped, ctx)}  # suga still sends onprem
+
+
+def test_mr006_the_line_tcp25_leaves_through_is_in_spf_while_onprem_sends() -> None:
+    """The policy route sends every LAN host's tcp/25 out through the new line, onprem's
+    own mail included: the route waits until SPF names that line, and SPF comes first."""
+    desired = state({"suga": ("onprem", "onprem")})
+    spf_without_line = DnsFacts(mx=Side.ONPREM, mx_hosts=(ONPREM_MX,),
+                                spf_terms=("v=spf1", ONPREM_SPF, RENTAL_SPF, "~all"))
+    no_route = RouterFacts(filters=frozenset({10}), default_route=(("tunnel 2", ()),))
+    before = world({"suga": ONPREM_USER}, dns=spf_without_line, router=no_route)
+    ctx = Context.of(desired)
+    routed = replace(before, router=RouterFacts(filters=frozenset({10}),
+                                                default_route=POLICY_ROUTE))
+    findings = [f for f in check_world(routed, ctx) if f.code == "MR006"]
+    assert findings and "203.0.113.9" in findings[0].message
+    # Planned: SPF first, then the route, in one apply; never the route alone.
+    ready = [p.id for p in plan(desired, before).by_status(Status.READY)]
+    assert ready.index("dns/spf") < ready.index("router/route/default")
+    # Without the SPF step (a record mailrec may not change), the route is refused.
+    only_route = make_plan(desired, before, [s for s in diff(desired, before, ctx)
+                                             if s.id == "router/route/default"], ctx)
+    assert status(only_route, "router/route/default") is Status.REFUSED
+    assert "MR006" in codes(only_route, "router/route/default")
+    # The line onprem already sends from needs no new term; nor does a retired onprem.
+    same_line = state({"suga": ("onprem", "onprem")}, onprem__public_ip="203.0.113.9")
+    assert not [f for f in check_world(routed, Context.of(same_line))
+                if f.code == "MR006" and "tcp/25 from the office" in f.message]
+    retired = replace(routed, onprem=replace(routed.onprem, retired=True))
+    assert "MR006" not in {f.code for f in check_world(retired, ctx)}
 
 
 def test_mr007_recipient_validation_must_accept_forwarded_users() -> None:

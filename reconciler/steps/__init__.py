@@ -1,5 +1,6 @@
 """The steps a plan is made of, by system (see `base.Step` for the contract)."""
 
+from reconciler.steps.addresses import CreateAlias, DetachUpstream, RemoveFallback
 from reconciler.steps.base import VERIFIED_USER_FIELDS, Action, Rank, Step
 from reconciler.steps.dns import MoveMx, SetMxTtl, SetSpf
 from reconciler.steps.onprem import EnableRecipientMap, RetireOnprem
@@ -12,12 +13,15 @@ __all__ = [
     "VERIFIED_USER_FIELDS",
     "Action",
     "ChangeWhitelist",
+    "CreateAlias",
     "CreateMailbox",
+    "DetachUpstream",
     "EnableRecipientMap",
     "MoveInbound",
     "MoveMx",
     "MoveOutbound",
     "Rank",
+    "RemoveFallback",
     "RemoveOnpremMailbox",
     "RetireOnprem",
     "SetDefaultRoute",

@@ -82,6 +82,11 @@ class Step:
         """Machine-readable before/after (plan JSON, journal)."""
         return {}
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What people must know when this step runs (not a gate: it waits for nothing)."""
+        return ()
+
     def verify(self, expected: World, observed: World) -> list[str]:
         """Differences between the simulated and the observed world on what this step
         touches; empty means the step took effect."""

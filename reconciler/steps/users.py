@@ -3,7 +3,7 @@ mail client's outgoing server (a manual step a person acknowledges)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from reconciler.context import Context
@@ -62,8 +62,22 @@ class MoveInbound(UserStep):
     Also the repair of a drifted transport entry: it is rewritten to what the state says."""
 
     to: Side
+    # Where the user reads mail from after the move (their mail client's incoming server).
+    incoming_server: str = field(default="", compare=False)
     kind: ClassVar[str] = "inbound"
     action: ClassVar[Action] = Action.UPDATE
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        if not self.incoming_server:
+            return ()
+        if self.to is Side.RENTAL:
+            return (f"Tell {self.user}: new mail now arrives in the rental mailbox. Add the "
+                    f"incoming (POP/IMAP) server {self.incoming_server} with the rental "
+                    "mailbox's user name and password; keep the old account until its mailbox "
+                    "is empty (mailrec waits for that before removing it).",)
+        return (f"Tell {self.user}: new mail arrives in the onprem mailbox again: the incoming "
+                f"server is {self.incoming_server} again.",)
 
     @property
     def rank(self) -> Rank:
@@ -72,7 +86,7 @@ class MoveInbound(UserStep):
     def simulate(self, world: World) -> World:
         to_rental = self.to is Side.RENTAL
         return world.update_user(self.user, route=self.to, relay_recipient=to_rental,
-                                 route_drift=False)
+                                 route_drift=False, via_fallback=False)
 
     def describe(self) -> str:
         if self.to is Side.RENTAL:
