@@ -82,6 +82,10 @@ def egress_spf_findings(world: World, ctx: Context) -> Iterator[Finding]:
             "through it")
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def _yaml_entry(name: str, facts: AddressFacts) -> str:
     members = [m for m in facts.members if not m.startswith(("|", "/", ":include:"))]
     if facts.kind is AddressKind.ACCOUNT or not members:
@@ -115,8 +119,8 @@ def address_findings(world: World, ctx: Context,
         }.get(facts.keep, "")
         expands = f" (onprem expands it to {', '.join(facts.members)})" if facts.members else ""
         yield Finding(
-            "MR019", f"onprem receives for {address}, a {facts.kind}{expands}, and {why}: "
-            "at the rental it would bounce", (f"alias/{name}",),
+            "MR019", f"onprem receives for {address}, {_article(facts.kind)} {facts.kind}"
+            f"{expands}, and {why}: at the rental it would bounce", (f"alias/{name}",),
             f"add it to aliases: in the state ({_yaml_entry(name, facts)}), or drop it "
             "there on purpose")
     for unseen in world.onprem.unseen if code != "MR015" else ():
