@@ -79,7 +79,8 @@ def _onprem_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]
         carried = tuple(world.users_where(lambda f: f.via_fallback))
         steps.append(RemoveFallback(carried))
     if state.onprem.state == "retired":
-        steps.extend(DetachUpstream(host, state.onprem.mx_host)
+        readable = {u.host for u in state.onprem.upstream if u.connect is not None}
+        steps.extend(DetachUpstream(host, state.onprem.mx_host, host in readable)
                      for host, _ in world.onprem.upstream_pending)
     return steps
 

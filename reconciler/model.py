@@ -113,6 +113,21 @@ class Upstream(StrictModel):
     # (a manual step), and mailrec probes the relay by SMTP.
     connect: ConnectStr | None = None
     config_dir: str = "/etc/postfix"
+    # Where the relay's SMTP server answers, for the RCPT probe that checks it no longer
+    # accepts the domain (host or host:port; default: host, port 25).
+    smtp: str | None = None
+
+    @field_validator("smtp")
+    @classmethod
+    def _smtp(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or "]" in port:
+            host, port = value, "25"
+        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{value!r}: expected host or host:port")
+        return f"{check_host(host.strip('[]'))}:{port}"
 
     @field_validator("config_dir")
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -22,6 +23,7 @@ import immutables
 from reconciler.drivers.dns import DnsRecords
 from reconciler.drivers.postfix import AddressSpace, PostfixFacts, relay_target
 from reconciler.drivers.rental.base import RentalSnapshot
+from reconciler.drivers.upstream import UpstreamFacts
 from reconciler.journal import Journal
 from reconciler.model import DesiredState, Side
 from reconciler.world import (
@@ -198,6 +200,7 @@ def build_world(
     router: RouterFacts | None,
     journal: JournalView,
     now: datetime,
+    upstream: Sequence[UpstreamFacts] = (),
 ) -> World:
     space = postfix.space
     names = (
@@ -253,7 +256,7 @@ def build_world(
             retired=postfix.retired,
             unseen=_unseen(space, fallback),
             fallback_to_rental=fallback is True,
-            upstream_pending=upstream_pending(state, journal),
+            upstream_pending=upstream_pending(state, journal, upstream),
         ),
         rental=RentalFacts(
             domain_accepted=rental.domain_accepted,
@@ -279,13 +282,37 @@ def build_world(
     )
 
 
-def upstream_pending(state: DesiredState, journal: JournalView) -> tuple[tuple[str, str], ...]:
-    """Relays in front of onprem not yet confirmed detached: each needs a person's ack (an
-    `upstream/<host>` step) that it no longer routes to onprem and its queue for onprem is
-    empty. Nothing else is trusted: without it, onprem's retirement would bounce whatever
-    the relay still queues for it once its queue lifetime runs out."""
-    return tuple((u.host, "not verified: no ack that it stopped routing to onprem")
-                 for u in state.onprem.upstream if f"upstream/{u.host}" not in journal.acked)
+def upstream_pending(state: DesiredState, journal: JournalView,
+                     seen: Sequence[UpstreamFacts] = ()) -> tuple[tuple[str, str], ...]:
+    """Relays in front of onprem that may still route or queue mail for it, with why.
+
+    A relay read over SSH is detached when it is seen to route nothing to onprem and to
+    queue nothing for the domain. A relay mailrec cannot read needs a person's ack (step
+    `upstream/<host>`), and even then an SMTP probe that finds it still accepting the domain
+    keeps it pending. Nothing else is trusted: onprem's retirement would bounce whatever the
+    relay still queues for it once its queue lifetime runs out."""
+    by_host = {f.host: f for f in seen}
+    pending: list[tuple[str, str]] = []
+    for upstream in state.onprem.upstream:
+        facts = by_host.get(upstream.host)
+        if facts is not None and facts.observed:
+            reasons = []
+            if facts.routes_to_onprem is not False:
+                reasons.append("it routes the domain to onprem" if facts.routes_to_onprem
+                               else "its routing could not be read")
+            if facts.queued != 0:
+                reasons.append(f"it queues {facts.queued} message(s) for the domain"
+                               if facts.queued else "its queue could not be read")
+            if reasons:
+                pending.append((upstream.host, "; ".join(reasons)))
+            continue
+        if facts is not None and facts.accepts_domain:
+            pending.append((upstream.host, "an SMTP probe finds it still accepting mail for "
+                            "the domain"))
+        elif f"upstream/{upstream.host}" not in journal.acked:
+            pending.append((upstream.host, "not verified: no ack that it stopped routing to "
+                            "onprem"))
+    return tuple(pending)
 
 
 def observations_to_record(world: World, view: JournalView, state: DesiredState,

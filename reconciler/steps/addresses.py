@@ -108,9 +108,11 @@ class DetachUpstream(Step):
 
     host: str
     onprem_host: str = ""
+    # mailrec reads the relay over SSH (onprem.upstream[].connect): it waits to see it
+    # detached instead of asking a person to confirm it.
+    readable: bool = False
     kind: ClassVar[str] = "upstream"
-    action: ClassVar[Action] = Action.UPDATE
-    manual: ClassVar[bool] = True
+    action: ClassVar[Action] = Action.UPDATE  # a person's step (an ack gate) unless readable
 
     @property
     def name(self) -> str:
@@ -129,15 +131,20 @@ class DetachUpstream(Step):
             return Gate("observation", f"the relay {self.host} receives for {ctx.domain} "
                         "while the MX names it: move the MX to the rental first")
         host = self.host.rstrip(".")
-        return ack_gate(self, f"confirm the relay {host} no longer routes {ctx.domain} to "
-                        "onprem and holds nothing for it", (
+        todo = (
             f"On {host}: remove {ctx.domain} from relay_domains and from any transport_maps "
             f"entry that sends it to {self.onprem_host.rstrip('.') or 'onprem'}, then run "
             "postfix reload.",
             f"On {host}: `postqueue -p` must list no message for @{ctx.domain}; flush it "
             "(`postqueue -f`) and wait until it is empty.",
-            f"Then run: mailrec ack upstream/{self.host}",
-        ))
+        )
+        if self.readable:
+            why = dict(world.onprem.upstream_pending).get(self.host, "")
+            return Gate("observation", f"waiting to see the relay {host} detached from "
+                        f"onprem: {why}", instructions=todo)
+        return ack_gate(self, f"confirm the relay {host} no longer routes {ctx.domain} to "
+                        "onprem and holds nothing for it",
+                        (*todo, f"Then run: mailrec ack upstream/{self.host}"))
 
     def describe(self) -> str:
         return f"detach the relay {self.host.rstrip('.')} in front of onprem"
