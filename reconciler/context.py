@@ -115,5 +115,10 @@ class Context:
     def outbound_for(self, side: str) -> Outbound:
         return Outbound.ONPREM if side == "onprem" else self.outbound_mode
 
+    @property
+    def forward_target(self) -> str:
+        """The transport onprem's entries name for a forwarded user (as the drivers write)."""
+        return f"smtp:[{self.smtp_host}]:{self.relay_port}"
+
     def mx_host(self, side: str) -> str:
         return self.rental_mx if side == "rental" else self.onprem_mx

@@ -21,6 +21,7 @@ from reconciler.steps import (
     MoveInbound,
     MoveMx,
     MoveOutbound,
+    ProbeForward,
     RemoveFallback,
     RemoveOnpremMailbox,
     RetireOnprem,
@@ -71,6 +72,8 @@ def _user_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]:
 def _onprem_steps(state: DesiredState, world: World, ctx: Context) -> list[Step]:
     steps: list[Step] = []
     wants_relay = any(u.inbound is Side.RENTAL for u in state.users.values())
+    if wants_relay and not world.onprem.forward_verified and not world.onprem.retired:
+        steps.append(ProbeForward(ctx.forward_target))
     if wants_relay and not world.onprem.recipient_validation:
         steps.append(EnableRecipientMap())
     if state.onprem.state == "retired" and not world.onprem.retired:

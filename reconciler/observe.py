@@ -60,6 +60,8 @@ class JournalView:
     mx_old_ttl: int | None = None
     egress_ips: dict[str, IpAddress] = field(default_factory=dict)
     baseline: bool = False  # the journal saw the world before any migration step
+    # Forward targets (`smtp:[host]:port`) a probe message from onprem reached.
+    forward_probed: frozenset[str] = frozenset()
 
     @staticmethod
     def read(journal: Journal | None) -> JournalView:
@@ -74,6 +76,7 @@ class JournalView:
         moved: datetime | None = None
         created: set[int] = set()
         egress: dict[str, IpAddress] = {}
+        probed: set[str] = set()
         baseline = False
         for event in events:  # in the order they were recorded
             step, detail = event.step or "", event.detail
@@ -115,6 +118,8 @@ class JournalView:
                     number = detail.get("filter")
                     if isinstance(number, int):
                         (created.add if detail.get("present") else created.discard)(number)
+                elif step == "onprem/forward-probe" and isinstance(detail.get("target"), str):
+                    probed.add(str(detail["target"]))
                 elif step == "router/route/default":
                     recorded = detail.get("egress")
                     # An unreadable record leaves that gateway unknown (MR005 then refuses).
@@ -124,7 +129,7 @@ class JournalView:
                                 str(recorded["address"]))
         return JournalView(
             outbound, lowered, moved, frozenset(s for s in acked if live.get(s)),
-            frozenset(created), old_ttl, egress, baseline,
+            frozenset(created), old_ttl, egress, baseline, frozenset(probed),
         )
 
 
@@ -257,6 +262,7 @@ def build_world(
             unseen=_unseen(space, fallback),
             fallback_to_rental=fallback is True,
             upstream_pending=upstream_pending(state, journal, upstream),
+            forward_verified=expected_route in journal.forward_probed,
         ),
         rental=RentalFacts(
             domain_accepted=rental.domain_accepted,
@@ -361,6 +367,7 @@ def world_checksum(world: World, state_digest: str = "") -> str:
               sorted((str(a), r) for a, r in rental.relay_checks),
               world.dns.mx_hosts, world.dns.mx_ttl, world.dns.spf_terms, world.dns.soa_serial,
               world.dns.spf_records, world.router, world.onprem.unseen,
-              world.onprem.fallback_to_rental, world.onprem.upstream_pending)).encode()
+              world.onprem.fallback_to_rental, world.onprem.upstream_pending,
+              world.onprem.forward_verified)).encode()
     )
     return digest.hexdigest()[:32]

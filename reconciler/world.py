@@ -234,6 +234,11 @@ class OnpremFacts:
     # Relays in front of onprem (onprem.upstream) that still route or queue mail to it:
     # host -> why (observed, or "not verified" when no one confirmed it stopped).
     upstream_pending: tuple[tuple[str, str], ...] = ()
+    # A probe message went from onprem to the rental by the very transport mailrec writes
+    # (`smtp:[rental]:port`) and reached the rental's SMTP server (journal). Until it has,
+    # no user is forwarded: a blocked path (a firewall, a relayhost the network requires)
+    # would hold their mail in onprem's queue until it bounces.
+    forward_verified: bool = True
 
 
 @dataclass(frozen=True, slots=True)

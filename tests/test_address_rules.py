@@ -259,3 +259,34 @@ def test_unsettled_names_are_counted_once_per_addresses_map() -> None:
     moved = base.update_user("suga", route=Side.RENTAL)
     assert moved.addresses is base.addresses
     assert moved.unsettled_addresses() == base.unsettled_addresses() == ["info"]
+
+
+def test_the_first_forward_waits_for_a_probe_message_over_the_same_transport() -> None:
+    """No user is forwarded before a probe message went from onprem to the rental by the
+    transport mailrec writes; the probe is planned first, and the journal remembers it."""
+    desired = state({"suga": ("rental", "onprem")})
+    unproven = built(desired, facts(accounts={"suga": 0}), snapshot({"suga": 0}))
+    assert not unproven.onprem.forward_verified
+    ctx = Context.of(desired)
+    steps = diff(desired, unproven, ctx)
+    assert "onprem/forward-probe" in {s.id for s in steps}
+    ready = [p.id for p in make_plan(desired, unproven, steps, ctx).by_status(Status.READY)]
+    assert ready.index("onprem/forward-probe") < ready.index("inbound/suga")
+    without_probe = make_plan(desired, unproven,
+                              [s for s in steps if s.id != "onprem/forward-probe"], ctx)
+    waiting = without_probe.get("inbound/suga")
+    assert waiting is not None and waiting.status is Status.GATED
+    assert waiting.gate is not None and "probe" in waiting.gate.message
+    # A probe of another target (the rental host changed) proves nothing for this one.
+    view = JournalView({}, None, None, frozenset(), baseline=True,
+                       forward_probed=frozenset({"smtp:[old.example.net]:25"}))
+    other = build_world(desired, postfix=facts(accounts={"suga": 0}),
+                        rental=snapshot({"suga": 0}), dns=records(), router=world({}).router,
+                        journal=view, now=START)
+    assert not other.onprem.forward_verified
+    proven_view = replace(view, forward_probed=frozenset({FORWARD}))
+    proven = build_world(desired, postfix=facts(accounts={"suga": 0}),
+                         rental=snapshot({"suga": 0}), dns=records(),
+                         router=world({}).router, journal=proven_view, now=START)
+    assert proven.onprem.forward_verified
+    assert "onprem/forward-probe" not in {s.id for s in diff(desired, proven, ctx)}

@@ -191,7 +191,8 @@ def worlds(draw: st.DrawFn) -> World:
                            unseen=("ldap:/etc/postfix/ldap.cf",) if draw(
                                st.integers(0, 6)) == 0 else (),
                            fallback_to_rental=any(f.via_fallback for f in users.values()),
-                           upstream_pending=upstream),
+                           upstream_pending=upstream,
+                           forward_verified=draw(st.integers(0, 3)) > 0),
         rental=RentalFacts(domain_accepted=draw(st.integers(0, 9)) > 0, whitelist=whitelist,
                            whitelist_verified=verified, relay_checks=checks),
         dns=DnsFacts(mx=mx, mx_hosts=(ONPREM_MX if mx is Side.ONPREM else RENTAL_MX,),

@@ -3,7 +3,7 @@
 from reconciler.steps.addresses import CreateAlias, DetachUpstream, RemoveFallback
 from reconciler.steps.base import VERIFIED_USER_FIELDS, Action, Rank, Step
 from reconciler.steps.dns import MoveMx, SetMxTtl, SetSpf
-from reconciler.steps.onprem import EnableRecipientMap, RetireOnprem
+from reconciler.steps.onprem import EnableRecipientMap, ProbeForward, RetireOnprem
 from reconciler.steps.rental import ChangeWhitelist
 from reconciler.steps.router import SetDefaultRoute, SetRouterFilter
 from reconciler.steps.timing import resolver_hold
@@ -20,6 +20,7 @@ __all__ = [
     "MoveInbound",
     "MoveMx",
     "MoveOutbound",
+    "ProbeForward",
     "Rank",
     "RemoveFallback",
     "RemoveOnpremMailbox",

@@ -34,6 +34,37 @@ class EnableRecipientMap(Step):
 
 
 @dataclass(frozen=True)
+class ProbeForward(Step):
+    """Before the first user is forwarded: onprem sends a probe message to the rental by the
+    transport mailrec is about to write, and the message must reach the rental's SMTP server
+    (accepted, or refused by it: either way the path works). Recorded in the journal."""
+
+    target: str  # smtp:[host]:port, as the transport entries will say
+    kind: ClassVar[str] = "onprem"
+    action: ClassVar[Action] = Action.UPDATE
+
+    @property
+    def name(self) -> str:
+        return "forward-probe"
+
+    @property
+    def rank(self) -> Rank:
+        return Rank.PREPARE
+
+    def simulate(self, world: World) -> World:
+        return replace(world, onprem=replace(world.onprem, forward_verified=True))
+
+    def verify(self, expected: World, observed: World) -> list[str]:
+        return []  # the driver raises when the probe does not arrive; nothing to observe
+
+    def describe(self) -> str:
+        return f"send a probe message from onprem to the rental ({self.target})"
+
+    def data(self) -> dict[str, object]:
+        return {"target": self.target}
+
+
+@dataclass(frozen=True)
 class RetireOnprem(Step):
     kind: ClassVar[str] = "onprem"
     action: ClassVar[Action] = Action.DELETE

@@ -88,6 +88,14 @@ class MoveInbound(UserStep):
         return world.update_user(self.user, route=self.to, relay_recipient=to_rental,
                                  route_drift=False, via_fallback=False)
 
+    def gate(self, world: World, ctx: Context) -> Gate | None:
+        if self.to is Side.RENTAL and not world.onprem.forward_verified:
+            return Gate("observation", "no probe message has gone from onprem to the rental "
+                        "by the forward's transport yet: a blocked path would hold "
+                        f"{self.user}'s mail in onprem's queue until it bounces (step "
+                        "onprem/forward-probe first)", after="onprem/forward-probe")
+        return None
+
     def describe(self) -> str:
         if self.to is Side.RENTAL:
             return f"onprem forwards mail for {self.user} to the rental"
