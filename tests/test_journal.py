@@ -217,3 +217,14 @@ def test_lock_is_released_when_the_block_raises(journal: Journal) -> None:
         raise RuntimeError("boom")
     with journal.lock():
         pass
+
+
+def test_a_forward_probe_is_remembered_only_when_it_succeeded(journal: Journal) -> None:
+    from reconciler.observe import JournalView
+
+    journal.record(T0, "apply", "onprem/forward-probe", "failed",
+                   detail={"target": "smtp:[rental.example.net]:25"})
+    assert JournalView.read(journal).forward_probed == frozenset()
+    journal.record(T0, "apply", "onprem/forward-probe", "ok",
+                   detail={"target": "smtp:[rental.example.net]:25"})
+    assert JournalView.read(journal).forward_probed == {"smtp:[rental.example.net]:25"}
