@@ -53,6 +53,10 @@ class LabLayout:
         return self.rental / "mailboxes"
 
     @property
+    def rental_aliases(self) -> Path:  # "name@domain: member@domain, member@other" per line
+        return self.rental / "aliases"
+
+    @property
     def rental_whitelist(self) -> Path:  # one CIDR per line: relay without auth allowed from
         return self.rental / "whitelist"
 

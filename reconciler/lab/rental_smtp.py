@@ -4,16 +4,25 @@ Where it sits: one of the lab's network services (`mailrec lab up` starts it; it
 goes to services.json as `rental_smtp`). The onprem Postfix forwards migrated users' mail to
 its relay port, the `manual` provider probes it with RCPT, and tests send mail through it.
 
-It answers like a hosted Postfix would:
-- relay port: RCPT for a hosted domain is 250 if the mailbox exists, else 550 5.1.1 (user
-  unknown); RCPT for any other domain is relayed only for a whitelisted peer or after AUTH,
-  else 554 5.7.1 (relay access denied). STARTTLS is offered; AUTH only after it.
+It answers like a hosted Postfix would (virtual mailboxes and virtual aliases, with
+`recipient_delimiter = +`):
+- relay port: RCPT for a hosted domain is 250 if an alias or a mailbox has that name, else
+  550 5.1.1 (user unknown); RCPT for any other domain is relayed only for a whitelisted peer or
+  after AUTH, else 554 5.7.1 (relay access denied). STARTTLS is offered; AUTH only after it.
+- hosted addresses are looked up as Postfix does: case-insensitively, the whole local part
+  first, then without its `+extension` (`suga+news@` reaches suga), aliases before mailboxes.
 - submission port: STARTTLS, then AUTH PLAIN/LOGIN against rental/passwd; nothing but
   EHLO/STARTTLS/AUTH before that; authenticated users may relay anywhere.
 Mail for hosted mailboxes is delivered into rental/maildirs/<local>/new (Maildir, written in
 tmp/ and renamed); mail for other domains is "relayed" into rental/outgoing/, since nothing
-leaves the machine. Domains, mailboxes, whitelist and passwords are re-read on every
-transaction, with the lab provider's own parsers, so the files and the SMTP behaviour agree.
+leaves the machine. An alias is expanded at delivery (aliases of aliases too, loops cut): each
+member that is a mailbox here gets the message once, a member at another domain is forwarded,
+i.e. joins the envelope of the rental/outgoing/ spool file, as a hosted service forwards it
+without asking for a whitelist or AUTH (the alias is the rental's own). A member at a hosted
+domain that is neither a mailbox nor an alias is logged as `bounced` (Postfix would bounce it
+after accepting the RCPT). Domains, mailboxes, aliases, whitelist and passwords are re-read on
+every transaction, with the lab provider's own parsers, so the files and the SMTP behaviour
+agree.
 Every transaction, RCPT and AUTH is one JSON line in rental/smtp.log (`read_log`).
 """
 
@@ -37,8 +46,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -49,6 +58,7 @@ from reconciler.drivers.rental.base import IpAddress, IpNetwork, ProviderError
 from reconciler.drivers.rental.lab import (
     Address,
     parse_address,
+    read_aliases,
     read_domains,
     read_mailboxes,
     read_passwd,
@@ -61,6 +71,10 @@ OUTGOING_DIR = "outgoing"  # under rental/: the spool of "relayed" (external) me
 SERVER_NAME = "smtp.rental.lab"
 RELAY = "relay"
 SUBMISSION = "submission"
+RECIPIENT_DELIMITER = "+"  # as main.cf recipient_delimiter: user+tag@ reaches user@
+# Addresses one recipient may expand to through aliases (Postfix's
+# virtual_alias_expansion_limit is 1000); beyond it the rest is dropped, not looped over.
+ALIAS_EXPANSION_LIMIT = 1000
 
 # A conservative RFC 5321 dot-atom address: anything else never reaches a file or the log as
 # an address. (Local parts at hosted domains are further held to USER_NAME_RE.)
@@ -96,7 +110,9 @@ def read_log(lab_dir: Path) -> list[dict[str, Any]]:
 
     Each entry has `time`, `session` (one id per connection), `event` (`rcpt`, `message`,
     `auth` or `session`), `peer`, `port`, `service` (`relay`/`submission`), `auth_user`,
-    `mail_from`, `rcpt` and `code`; `message` entries add `delivered` and `relayed`.
+    `mail_from`, `rcpt` and `code`; `message` entries add `delivered` (mailbox addresses
+    that got the message), `relayed` (addresses at other domains: the outgoing spool's
+    envelope, alias members included) and `bounced` (alias members that exist nowhere).
     """
     path = LabLayout(lab_dir).rental_log
     try:
@@ -113,6 +129,15 @@ def read_log(lab_dir: Path) -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
+class _Routes:
+    """Where one accepted recipient's copy goes."""
+
+    mailboxes: tuple[Address, ...] = ()  # delivered into these Maildirs
+    external: tuple[str, ...] = ()  # forwarded/relayed: the outgoing spool
+    bounced: tuple[str, ...] = ()  # alias members at a hosted domain that exist nowhere
+
+
+@dataclass(frozen=True)
 class _RentalView:
     """The lab rental's configuration as one transaction sees it."""
 
@@ -120,6 +145,7 @@ class _RentalView:
     mailboxes: frozenset[Address]
     whitelist: frozenset[IpNetwork]
     office: IpAddress | None = None  # what the lab office's traffic is seen as (NAT)
+    aliases: Mapping[Address, tuple[str, ...]] = field(default_factory=dict)
 
     @staticmethod
     def load(layout: LabLayout) -> _RentalView:
@@ -128,7 +154,50 @@ class _RentalView:
             read_mailboxes(layout.rental_mailboxes),
             read_whitelist(layout.rental_whitelist),
             office_seen_as(layout) if layout.router_config.exists() else None,
+            read_aliases(layout.rental_aliases),
         )
+
+    def hosted_target(self, address: str) -> Address | None:
+        """The alias or mailbox `address` (at a hosted domain) reaches, None if neither.
+
+        Postfix's lookup order with recipient_delimiter = +: the whole local part, then the
+        part before the first '+'; case does not matter (the files hold lower case).
+        """
+        local, _, domain = address.lower().rpartition("@")
+        candidates = [local]
+        base, delimiter, _ = local.partition(RECIPIENT_DELIMITER)
+        if delimiter and base:
+            candidates.append(base)
+        for candidate in candidates:
+            found = parse_address(f"{candidate}@{domain}")
+            if found is not None and (found in self.aliases or found in self.mailboxes):
+                return found
+        return None
+
+    def routes(self, rcpt: str) -> _Routes:
+        """Expand one envelope recipient: aliases (before mailboxes, as Postfix's
+        virtual_alias_maps), aliases of aliases, each address once so that loops end."""
+        mailboxes: list[Address] = []
+        external: list[str] = []
+        bounced: list[str] = []
+        pending = [rcpt.lower()]
+        seen: set[str] = set()
+        while pending and len(seen) < ALIAS_EXPANSION_LIMIT:
+            address = pending.pop(0)
+            if address in seen:
+                continue
+            seen.add(address)
+            if address.rpartition("@")[2] not in self.domains:
+                external.append(address)
+                continue
+            target = self.hosted_target(address)
+            if target is None:
+                bounced.append(address)
+            elif target in self.aliases:
+                pending.extend(self.aliases[target])
+            elif target not in mailboxes:
+                mailboxes.append(target)
+        return _Routes(tuple(mailboxes), tuple(external), tuple(bounced))
 
     def seen_as(self, peer_ip: str) -> IpAddress | None:
         """The client's address as the Internet sees it: the lab office leaves through the
@@ -312,10 +381,9 @@ class _Handler:
             return "501 5.1.3 Bad recipient address syntax"
         domain = address.lower().rpartition("@")[2]
         if domain in view.domains:
-            # Hosted domains are checked against the mailbox table whoever asks (Postfix's
-            # reject_unlisted_recipient): being whitelisted does not make a user exist.
-            hosted = parse_address(address)
-            if hosted is not None and hosted in view.mailboxes:
+            # Hosted domains are checked against the alias and mailbox tables whoever asks
+            # (Postfix's reject_unlisted_recipient): being whitelisted does not make a user exist.
+            if view.hosted_target(address) is not None:
                 return REPLY_OK_RCPT
             return _user_unknown(address)
         if server.auth_user is not None or view.whitelisted(server.peer_ip):
@@ -330,20 +398,27 @@ class _Handler:
         sender = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
         delivered: list[str] = []
         relayed: list[str] = []
-        hosted = view.domains if view is not None else frozenset()
+        bounced: list[str] = []
+        # Without a view (MAIL failed) no RCPT was accepted; keep the types simple anyway.
+        view = view if view is not None else _RentalView(frozenset(), frozenset(), frozenset())
         try:
-            external = []
+            external: list[str] = []
             for rcpt in envelope.rcpt_tos:
-                local, _, domain = rcpt.rpartition("@")
-                if domain in hosted:
+                routes = view.routes(rcpt)
+                for box in routes.mailboxes:
+                    if str(box) in delivered:
+                        continue  # one copy per mailbox, however many RCPTs lead there
+                    # X-Original-To, as Postfix's virtual(8) writes it, shows which alias or
+                    # +extension the copy came through.
+                    original = f"X-Original-To: {rcpt}\n" if rcpt != str(box) else ""
                     head = (
-                        f"Return-Path: <{sender}>\nDelivered-To: {rcpt}\n"
+                        f"Return-Path: <{sender}>\nDelivered-To: {box}\n{original}"
                         + self._received(server, session, queue_id, rcpt)
                     )
-                    self.store.deliver(local, head.encode() + body)
-                    delivered.append(rcpt)
-                else:
-                    external.append(rcpt)
+                    self.store.deliver(box.local, head.encode() + body)
+                    delivered.append(str(box))
+                external.extend(a for a in routes.external if a not in external)
+                bounced.extend(a for a in routes.bounced if a not in bounced)
             if external:
                 # The spool file carries its envelope in headers: there is no queue manager.
                 head = (
@@ -358,7 +433,7 @@ class _Handler:
             reply = f"250 2.0.0 Ok: queued as {queue_id}"
             server.messages += 1
         self.log(server, "message", rcpt=list(envelope.rcpt_tos), code=int(reply[:3]),
-                 delivered=delivered, relayed=relayed, queue_id=queue_id)
+                 delivered=delivered, relayed=relayed, bounced=bounced, queue_id=queue_id)
         return reply
 
     def _received(self, server: _Connection, session: Session, queue_id: str, rcpt: str) -> str:

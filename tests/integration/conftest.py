@@ -1,7 +1,8 @@
 """Session fixtures for the integration tests: real daemons on loopback, stopped at the end.
 
 The rental VPS of the `ssh` provider lives on 127.0.0.8: sshd on port 2222 (root, per-run
-host and client keys), Postfix with virtual mailboxes on 2525, Dovecot IMAP on 1143. Under
+host and client keys), Postfix with virtual mailboxes and a virtual alias map (and
+`recipient_delimiter = +`) on 2525, Dovecot IMAP on 1143. Under
 `CI=true` a missing binary or a daemon that does not start fails the tests that need it;
 elsewhere they are skipped with the reason. Other tests reuse `service_stack` and
 `service_dir` with the starters in `services.py` (e.g. the onprem Postfix on 127.0.0.2).
@@ -75,6 +76,7 @@ class RentalVps:
     mynetworks: Path
     passwd: Path
     password_dir: Path
+    virtual_aliases: Path  # the alias map source (main.cf virtual_alias_maps)
 
     def options(self) -> dict[str, str]:
         return {
@@ -87,6 +89,7 @@ class RentalVps:
             "mail_root": str(self.mail_root),
             "mynetworks_file": str(self.mynetworks),
             "password_dir": str(self.password_dir),
+            "virtual_alias_maps": str(self.virtual_aliases),
         }
 
 
@@ -116,9 +119,12 @@ def rental_vps(service_stack: ServiceStack, service_dir: Path, rental_sshd: Sshd
                     # Narrower than the usual 127.0.0.0/8, so other loopback addresses can
                     # play outside hosts in the relay whitelist test.
                     "mynetworks": f"127.0.0.1/32 {config_dir / 'mynetworks'}",
+                    "virtual_alias_maps": f"hash:{config_dir / 'virtual_aliases'}",
+                    # As hosted services do: user+tag@ reaches user@.
+                    "recipient_delimiter": "+",
                 },
-                files={"vmailbox": "", "mynetworks": ""},
-                postmap=("vmailbox",),
+                files={"vmailbox": "", "mynetworks": "", "virtual_aliases": ""},
+                postmap=("vmailbox", "virtual_aliases"),
             )
         )
         dovecot = service_stack.add(
@@ -133,6 +139,7 @@ def rental_vps(service_stack: ServiceStack, service_dir: Path, rental_sshd: Sshd
             mynetworks=config_dir / "mynetworks",
             passwd=dovecot.passwd_file,
             password_dir=root / "initial-passwords",
+            virtual_aliases=config_dir / "virtual_aliases",
         )
 
     return start_or_unavailable(start)

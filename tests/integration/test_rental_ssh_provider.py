@@ -370,3 +370,83 @@ def test_failed_reload_restores_the_whitelist(
         )
     assert rental_vps.mynetworks.read_bytes() == before
     assert ipaddress.ip_network("198.51.100.0/24") not in ssh_provider.observe().whitelist
+
+
+# --- aliases -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_aliases(rental_vps: RentalVps) -> Iterator[None]:
+    saved = rental_vps.virtual_aliases.read_bytes()
+    yield
+    rental_vps.virtual_aliases.write_bytes(saved)
+    subprocess.run(
+        ["postmap", "-c", str(rental_vps.postfix.config_dir), f"hash:{rental_vps.virtual_aliases}"],
+        check=True,
+    )
+    subprocess.run(["postfix", "-c", str(rental_vps.postfix.config_dir), "reload"], check=True)
+
+
+def test_alias_delivers_real_mail_to_its_members(
+    ssh_provider: SshProvider, rental_vps: RentalVps, restore_aliases: None
+) -> None:
+    assert ssh_provider.supports(Capability.CREATE_ALIAS)
+    for user in ("aliasa", "aliasb"):
+        ssh_provider.create_mailbox(user)
+    # Unknown before: Postfix refuses the RCPT.
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        send("team", "too early")
+
+    ssh_provider.create_alias("team", (f"aliasb@{DOMAIN}", f"aliasa@{DOMAIN}"))
+    assert f"team@{DOMAIN}\taliasa@{DOMAIN}, aliasb@{DOMAIN}" in (
+        rental_vps.virtual_aliases.read_text()
+    )
+    assert Path(f"{rental_vps.virtual_aliases}.bak").exists()
+    snapshot = ssh_provider.observe()
+    assert snapshot.aliases["team"] == (f"aliasa@{DOMAIN}", f"aliasb@{DOMAIN}")
+    assert snapshot.notes == ()
+
+    send("team", "to the whole team")
+    for user in ("aliasa", "aliasb"):
+        maildir = rental_vps.mail_root / DOMAIN / user
+        wait_for_messages(maildir, 1)
+        [path] = list((maildir / "new").glob("*")) + list((maildir / "cur").glob("*"))
+        text = path.read_text()
+        assert "Subject: to the whole team" in text
+        assert f"X-Original-To: team@{DOMAIN}" in text  # it came through the alias
+    # recipient_delimiter = +: an extension reaches the same mailbox (and the alias).
+    send("aliasa+news", "with an extension")
+    send("team+all", "alias with an extension")
+    wait_for_messages(rental_vps.mail_root / DOMAIN / "aliasa", 3)
+    wait_for_messages(rental_vps.mail_root / DOMAIN / "aliasb", 2)
+
+
+def test_alias_over_a_mailbox_is_refused(
+    ssh_provider: SshProvider, rental_vps: RentalVps, restore_aliases: None
+) -> None:
+    ssh_provider.create_mailbox("aliasc")
+    before = rental_vps.virtual_aliases.read_text()
+    with pytest.raises(ProviderError, match="a mailbox of that name exists"):
+        ssh_provider.create_alias("aliasc", (f"suga@{DOMAIN}",))
+    assert rental_vps.virtual_aliases.read_text() == before
+    assert "aliasc" not in ssh_provider.observe().aliases
+
+
+def test_failed_reload_restores_the_alias_map(
+    ssh_provider: SshProvider,
+    rental_vps: RentalVps,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_aliases: None,
+) -> None:
+    before = rental_vps.virtual_aliases.read_text()
+    fail_command(monkeypatch, ssh_provider.transport, ["postfix"])
+    with pytest.raises(ProviderError, match="restored the previous"):
+        ssh_provider.create_alias("broken", (f"suga@{DOMAIN}",))
+    assert rental_vps.virtual_aliases.read_text() == before
+    lookup = subprocess.run(
+        ["postmap", "-c", str(rental_vps.postfix.config_dir), "-q", f"broken@{DOMAIN}",
+         f"hash:{rental_vps.virtual_aliases}"],
+        capture_output=True,
+        check=False,
+    )
+    assert lookup.returncode == 1  # the compiled map was rebuilt from the restored source

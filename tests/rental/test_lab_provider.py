@@ -141,3 +141,109 @@ def test_needs_a_lab() -> None:
 def test_rejects_invalid_user_names(layout: LabLayout) -> None:
     with pytest.raises(ProviderError, match="not a valid user name"):
         provider_for(layout).create_mailbox("../etc")
+
+
+# --- aliases -----------------------------------------------------------------------------
+
+
+def test_create_alias_round_trip(layout: LabLayout) -> None:
+    provider = provider_for(layout)
+    assert provider.observe().aliases == {}  # no aliases file yet: none
+    provider.create_alias("info", (f"TANAKA@{DOMAIN}", f"suga@{DOMAIN}", f"suga@{DOMAIN}"))
+    provider.create_alias("sales", ("kato@partner.example",))
+    # The file format, members lower-case, without duplicates, sorted.
+    assert layout.rental_aliases.read_text() == (
+        f"info@{DOMAIN}: suga@{DOMAIN}, tanaka@{DOMAIN}\n"
+        f"sales@{DOMAIN}: kato@partner.example\n"
+    )
+    assert provider.observe().aliases == {
+        "info": (f"suga@{DOMAIN}", f"tanaka@{DOMAIN}"),
+        "sales": ("kato@partner.example",),
+    }
+    # Replacing an alias keeps the previous file as .bak; the same members again is a no-op.
+    before = layout.rental_aliases.read_text()
+    provider.create_alias("info", (f"suga@{DOMAIN}",))
+    assert layout.rental_aliases.with_name("aliases.bak").read_text() == before
+    assert provider.observe().aliases["info"] == (f"suga@{DOMAIN}",)
+    mtime = layout.rental_aliases.stat().st_mtime_ns
+    provider.create_alias("info", (f"suga@{DOMAIN}",))
+    assert layout.rental_aliases.stat().st_mtime_ns == mtime
+
+
+def test_observe_reads_aliases_of_this_domain_only(layout: LabLayout) -> None:
+    layout.rental_aliases.write_text(
+        "# forwarding addresses\n\n"
+        f"info@{DOMAIN}: tanaka@{DOMAIN},suga@{DOMAIN}  # the front desk\n"
+        "info@other.example: someone@other.example\n"
+        f"suga@{DOMAIN}: taro@example.net\n"  # shadows the mailbox: noted
+    )
+    snapshot = provider_for(layout).observe()
+    assert snapshot.aliases == {
+        "info": (f"suga@{DOMAIN}", f"tanaka@{DOMAIN}"),
+        "suga": ("taro@example.net",),
+    }
+    assert snapshot.notes == (
+        f"suga@{DOMAIN} is both an alias and a mailbox: mail goes to the alias's members, "
+        "the mailbox receives none",
+    )
+
+
+def test_create_alias_refuses_a_mailbox_name(layout: LabLayout) -> None:
+    provider = provider_for(layout)
+    with pytest.raises(ProviderError, match=r"refusing to create the alias suga@example\.co\.jp: "
+                       "a mailbox of that name exists"):
+        provider.create_alias("suga", (f"tanaka@{DOMAIN}",))
+    assert not layout.rental_aliases.exists()
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        (("not-an-address",), "member 'not-an-address' is not a mail address"),
+        ((f"a@{DOMAIN}\nevil@{DOMAIN}",), "is not a mail address"),  # would add a line
+        ((f"a@{DOMAIN}, b@{DOMAIN}",), "is not a mail address"),  # one member, not two
+        (("a#b@example.net",), "is not a mail address"),  # '#' starts a comment in the file
+        (("a@-bad-.example",), "is not a mail address"),
+        ((), "has no members"),
+        ((f"info@{DOMAIN}",), "it lists itself"),
+        (f"suga@{DOMAIN}", "must be a tuple"),  # a bare string, not a tuple
+    ],
+)
+def test_create_alias_refuses_bad_members(
+    layout: LabLayout, members: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ProviderError, match=message):
+        provider_for(layout).create_alias("info", members)
+    assert not layout.rental_aliases.exists()
+
+
+def test_create_alias_refuses_a_bad_name_and_an_unhosted_domain(tmp_path: Path) -> None:
+    layout = write_rental(tmp_path / "lab")
+    with pytest.raises(ProviderError, match="not a valid user name"):
+        provider_for(layout).create_alias("../info", (f"suga@{DOMAIN}",))
+    other = write_rental(tmp_path / "other", domains=("other.example",))
+    with pytest.raises(ProviderError, match=r"does not host example\.co\.jp"):
+        provider_for(other).create_alias("info", (f"suga@{DOMAIN}",))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (f"# ok\ninfo@{DOMAIN}: suga@{DOMAIN}\ninfo {DOMAIN}\n",
+         r"aliases:3: 'info example\.co\.jp' is not an alias"),
+        (f"\n\nInfo Desk@{DOMAIN}: suga@{DOMAIN}\n", r"aliases:3: .* is not an alias"),
+        (f"info@{DOMAIN}: suga@{DOMAIN}, nobody\n",
+         r"aliases:1: 'nobody' \(a member of info@example\.co\.jp\) is not a mail address"),
+        (f"info@{DOMAIN}:   # nothing\n",
+         r"aliases:1: the alias info@example\.co\.jp has no members"),
+        (f"info@{DOMAIN}: suga@{DOMAIN}\n\ninfo@{DOMAIN}: tanaka@{DOMAIN}\n",
+         r"aliases:3: the alias info@example\.co\.jp is already defined on line 1"),
+    ],
+)
+def test_bad_alias_lines_name_the_file_and_line(
+    layout: LabLayout, content: str, message: str
+) -> None:
+    layout.rental_aliases.write_text(content)
+    with pytest.raises(ProviderError, match=message) as err:
+        provider_for(layout).observe()
+    assert str(layout.rental_aliases) in str(err.value)

@@ -12,12 +12,14 @@ from typing import Any
 import pytest
 
 from reconciler.drivers.rental.base import Capability, ProviderContext, ProviderError
+from reconciler.drivers.rental.lab import LabProvider
 from reconciler.drivers.rental.manual import (
     MailboxProbe,
     ManualProvider,
     Reply,
     ReplyKind,
     judge_domain,
+    merge_aliases,
     merge_mailboxes,
     merge_whitelist,
 )
@@ -311,3 +313,148 @@ def test_merge_mailboxes_keeps_the_file_when_probes_prove_nothing() -> None:
     boxes, notes = merge_mailboxes(frozenset({"suga", "tanaka"}), probe, DOMAIN)
     assert boxes == {"suga": None, "tanaka": None}
     assert len(notes) == 1
+
+
+# --- aliases -----------------------------------------------------------------------------
+
+
+def lab_provider(layout: LabLayout) -> LabProvider:
+    return LabProvider(rental_config("lab"), ProviderContext(DOMAIN, lab_dir=layout.root))
+
+
+def test_alias_names_are_probed_in_the_same_session(
+    context: Context, layout: LabLayout
+) -> None:
+    lab_provider(layout).create_alias("info", (f"suga@{DOMAIN}",))
+    sessions = {}
+    for count in (0, 40):
+        aliases = ("info", *(f"alias{i:02d}" for i in range(count)))
+        before = len(read_log(layout.root))
+        snapshot = ManualProvider(rental_config(), context(aliases=aliases)).observe()
+        entries = new_entries(layout.root, before)
+        # 2 users + the aliases + postmaster, canary, one external; then the relay probe.
+        assert sum(e["event"] == "rcpt" for e in entries) == 2 + len(aliases) + 4
+        sessions[count] = len({e["session"] for e in entries})
+        # Accepted, members unknown (a RCPT cannot show them); the others do not exist.
+        assert snapshot.aliases == {"info": None}
+        assert snapshot.mailboxes == {"suga": None, "tanaka": None}
+    assert sessions == {0: 2, 40: 2}  # one mailbox+alias probe session + one relay probe
+
+
+def test_alias_probe_round_trips_do_not_grow(
+    context: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes = []
+    send = smtplib.SMTP.send
+
+    def counting_send(self: smtplib.SMTP, data: Any) -> None:
+        writes.append(data)
+        send(self, data)
+
+    monkeypatch.setattr(smtplib.SMTP, "send", counting_send)
+    provider = ManualProvider(rental_config(), context())
+    provider._probe_mailboxes(["suga"], [f"alias{i:02d}" for i in range(50)])
+    assert len(writes) == 3  # EHLO, the pipelined transaction, QUIT
+
+
+def test_aliases_file_and_probe_precedence(context: Context, layout: LabLayout) -> None:
+    lab_provider(layout).create_alias("info", (f"suga@{DOMAIN}", f"tanaka@{DOMAIN}"))
+    lab_provider(layout).create_alias("sales", ("kato@partner.example",))
+    state = layout.root / "state"
+    state.mkdir()
+    (state / "aliases.txt").write_text(
+        "# from the panel\n"
+        f"info: tanaka@{DOMAIN}, suga@{DOMAIN}\n"  # exists: members from the file
+        f"ghost@{DOMAIN}: suga@{DOMAIN}\n"  # the rental does not accept it: missing
+        "other@elsewhere.example: x@elsewhere.example\n"  # another domain: not ours
+    )
+    config = rental_config(aliases_file="aliases.txt")
+    snapshot = ManualProvider(config, context(aliases=("info", "sales"))).observe()
+    assert snapshot.aliases == {
+        "info": (f"suga@{DOMAIN}", f"tanaka@{DOMAIN}"),
+        "sales": None,  # the rental accepts it, the file does not list it: members unknown
+    }
+    notes = "\n".join(snapshot.notes)
+    assert "ghost@example.co.jp: the aliases file lists it, but the rental answered 550" in notes
+    assert "taken as missing" in notes
+    assert "sales@example.co.jp: the aliases file does not list it, but the rental answered " \
+           "250 2.1.5 Ok: taken as present" in notes
+    assert "info@" not in notes  # file and probe agree
+
+
+def test_aliases_file_is_used_when_probes_prove_nothing(tmp_path: Path) -> None:
+    # Domain not hosted here but relayed for this host: every RCPT gets 250.
+    layout = write_rental(tmp_path / "lab", domains=("other.example",), whitelist=("127.0.0.0/8",))
+    (tmp_path / "aliases.txt").write_text(f"info: suga@{DOMAIN}\n")
+    merged = MailboxProbe(
+        domain_accepted=None, exists={}, replies={}, accepts_anything=True,
+        postmaster=Reply(250, "2.1.5 Ok"), sessions=1,
+        alias_exists={}, alias_replies={"info": Reply(250, "2.1.5 Ok")},
+    )
+    aliases, notes = merge_aliases({"info": (f"suga@{DOMAIN}",)}, merged, DOMAIN)
+    assert aliases == {"info": (f"suga@{DOMAIN}",)}
+    assert notes == []
+    aliases, _ = merge_aliases(None, merged, DOMAIN)
+    assert aliases == {}  # nothing proves it exists
+    with RentalSmtpServer(layout.root, "127.0.0.3", 0, 0, tls_cert=None, tls_key=None) as server:
+        context = ProviderContext(
+            DOMAIN, state_dir=tmp_path, aliases=("info",),
+            services={"rental_smtp": server.relay_address},
+        )
+        provider = ManualProvider(rental_config(aliases_file="aliases.txt"), context)
+        probe = provider._probe_mailboxes([], ["info"])
+        assert probe.accepts_anything and probe.alias_exists == {}
+        snapshot = provider.observe()
+    assert snapshot.aliases == {"info": (f"suga@{DOMAIN}",)}  # as for mailboxes: the file
+    assert "made-up address at example.co.jp (it relays for this host" in "\n".join(snapshot.notes)
+
+
+def test_aliases_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    context = ProviderContext(DOMAIN, state_dir=tmp_path)
+    provider = ManualProvider(rental_config(aliases_file="a.txt"), context)
+    with pytest.raises(ProviderError, match=r"aliases_file .* does not exist"):
+        provider.read_aliases_file()
+    (tmp_path / "a.txt").write_text(f"info: suga@{DOMAIN}\n\nsales: kato@partner, x\n")
+    with pytest.raises(ProviderError, match=r"a\.txt:3: 'kato@partner' \(a member of sales@"):
+        provider.read_aliases_file()
+    (tmp_path / "a.txt").write_text("info suga\n")
+    with pytest.raises(ProviderError, match=r"a\.txt:1: 'info suga' is not an alias"):
+        provider.read_aliases_file()
+    (tmp_path / "a.txt").write_text(f"# panel\nfront desk: suga@{DOMAIN}\n")
+    with pytest.raises(ProviderError, match=r"a\.txt:2: 'front desk: .* is not an alias") as err:
+        provider.read_aliases_file()
+    assert "name or name@domain" in str(err.value)
+
+
+def test_invalid_alias_names_never_reach_smtp(context: Context, lab_dir: Path) -> None:
+    for bad in ("Info", "a b", "x>\r\nDATA"):
+        provider = ManualProvider(rental_config(), context(aliases=(bad,)))
+        with pytest.raises(ProviderError, match="not a valid alias name"):
+            provider.observe()
+    assert read_log(lab_dir) == []
+
+
+def test_alias_instructions(tmp_path: Path) -> None:
+    context = ProviderContext(DOMAIN, state_dir=tmp_path)
+    config = rental_config(
+        aliases_file="rental/aliases.txt", panel_url="https://secure.sakura.ad.jp/rscontrol/"
+    )
+    provider = load_provider(config, context)
+    assert provider.supports(Capability.LIST_ALIASES)
+    assert not provider.supports(Capability.CREATE_ALIAS)
+    text = provider.instructions("create_alias", f"info: TANAKA@{DOMAIN}, suga@{DOMAIN}")
+    assert text.startswith("Create the forwarding address info@example.co.jp at the rental")
+    assert "https://secure.sakura.ad.jp/rscontrol/" in text
+    assert f"forwards to suga@{DOMAIN}, tanaka@{DOMAIN}" in text
+    assert f'In rental/aliases.txt, put the line "info: suga@{DOMAIN}, tanaka@{DOMAIN}"' in text
+    assert "Run: mailrec ack alias/info" in text
+    assert "RCPT TO:<info@example.co.jp> on example.sakura.ne.jp:25 must answer 250" in text
+    assert "taken from the aliases file" in text
+    # Without a file there is no file step, and members are not checked.
+    bare = ManualProvider(rental_config(), context).instructions(
+        "create_alias", f"info: suga@{DOMAIN}"
+    )
+    assert "aliases.txt" not in bare and "not checked" in bare
+    # A malformed target falls back to the generic text rather than inventing steps.
+    fallback = provider.instructions("create_alias", "info: not an address")
+    assert fallback.startswith("In the manual control panel")

@@ -284,3 +284,89 @@ def test_main_serves_until_sigterm(layout: LabLayout) -> None:
             if proc.poll() is None:
                 proc.kill()
     assert addresses["rental_submission"].startswith(f"{RENTAL_HOST}:")
+
+
+# --- aliases, extensions, case ------------------------------------------------------------
+
+
+def test_an_alias_delivers_to_each_member(rental: RentalSmtpServer, layout: LabLayout) -> None:
+    provider = LabProvider(rental_config("lab"), ProviderContext(DOMAIN, lab_dir=layout.root))
+    provider.create_alias("info", (f"suga@{DOMAIN}", f"tanaka@{DOMAIN}", EXTERNAL))
+    # From a host that may not relay: the alias is the rental's own, its forwarding too.
+    with connect(rental, source=OUTSIDER) as client:
+        client.mail("a@example.net")
+        code, _ = client.rcpt(f"info@{DOMAIN}")
+        assert code == 250
+        client.rset()
+        refused = client.sendmail("a@example.net", [f"info@{DOMAIN}"], MESSAGE)
+    assert refused == {}
+    for user in ("suga", "tanaka"):
+        [path] = maildir_files(layout, user)
+        text = path.read_text()
+        assert text.startswith(
+            f"Return-Path: <a@example.net>\nDelivered-To: {user}@{DOMAIN}\n"
+            f"X-Original-To: info@{DOMAIN}\n"
+        )
+        assert "Subject: hello\n\nline one\n" in text
+    [spooled] = outgoing_files(layout)  # the external member: forwarded
+    assert f"X-Mailrec-Envelope-To: {EXTERNAL}\n" in spooled.read_text()
+    [message] = events(layout.root, "message")
+    assert message["rcpt"] == [f"info@{DOMAIN}"]
+    assert message["delivered"] == [f"suga@{DOMAIN}", f"tanaka@{DOMAIN}"]
+    assert message["relayed"] == [EXTERNAL]
+    assert message["bounced"] == []
+
+
+def test_aliases_of_aliases_loops_and_duplicates(
+    rental: RentalSmtpServer, layout: LabLayout
+) -> None:
+    layout.rental_aliases.write_text(
+        f"info@{DOMAIN}: sales@{DOMAIN}, suga@{DOMAIN}\n"
+        f"sales@{DOMAIN}: info@{DOMAIN}, SUGA@{DOMAIN}, tanaka@{DOMAIN}, gone@{DOMAIN}\n"
+    )
+    with connect(rental) as client:
+        # suga is reached four ways (directly, info, sales, +tag) and gets one copy.
+        refused = client.sendmail(
+            "", [f"info@{DOMAIN}", f"suga@{DOMAIN}", f"suga+x@{DOMAIN}"], MESSAGE
+        )
+    assert refused == {}
+    assert len(maildir_files(layout, "suga")) == 1
+    assert len(maildir_files(layout, "tanaka")) == 1
+    assert outgoing_files(layout) == []
+    [message] = events(layout.root, "message")
+    assert message["delivered"] == [f"suga@{DOMAIN}", f"tanaka@{DOMAIN}"]  # RCPT order
+    assert message["bounced"] == [f"gone@{DOMAIN}"]  # a member that exists nowhere
+
+
+@pytest.mark.parametrize(
+    "rcpt", [f"suga+news@{DOMAIN}", f"SUGA@{DOMAIN}", "Suga+News@Example.Co.JP", f"suga+@{DOMAIN}"]
+)
+def test_extensions_and_case_reach_the_mailbox(
+    rental: RentalSmtpServer, layout: LabLayout, rcpt: str
+) -> None:
+    with connect(rental) as client:
+        client.mail("a@example.net")
+        assert client.rcpt(rcpt)[0] == 250
+        client.rset()
+        assert client.sendmail("a@example.net", [rcpt], MESSAGE) == {}
+    [path] = maildir_files(layout, "suga")
+    text = path.read_text()
+    if rcpt.lower() == f"suga@{DOMAIN}":  # only the case differed: no X-Original-To
+        assert f"Delivered-To: suga@{DOMAIN}\nReceived: " in text
+    else:
+        assert f"Delivered-To: suga@{DOMAIN}\nX-Original-To: {rcpt.lower()}\n" in text
+    assert not (layout.rental_maildirs / "suga+news").exists()
+    assert maildir_files(layout, "tanaka") == []
+
+
+@pytest.mark.parametrize(
+    "rcpt",
+    [f"nobody@{DOMAIN}", f"nobody+suga@{DOMAIN}", f"+suga@{DOMAIN}", f"NOBODY@{DOMAIN}",
+     f"sugar@{DOMAIN}", f"info@{DOMAIN}"],
+)
+def test_unknown_addresses_stay_550(rental: RentalSmtpServer, rcpt: str) -> None:
+    with connect(rental, source=WHITELISTED) as client:  # whitelisting makes no user exist
+        client.mail("a@example.net")
+        code, text = client.rcpt(rcpt)
+    assert code == 550
+    assert b"User unknown" in text

@@ -3,9 +3,9 @@
 Where it sits: a rental driver (observe + apply) like `ssh` or `manual`, chosen with
 `rental.provider: lab` or whenever mailrec runs with `--lab DIR`. It also owns the lab rental's
 file format: the parsers below are the only code that reads rental/domains, rental/mailboxes,
-rental/whitelist and rental/passwd, and the lab SMTP server (`reconciler.lab.rental_smtp`)
-calls the same functions on every transaction, so what this provider observes is exactly how
-the SMTP server behaves.
+rental/aliases, rental/whitelist and rental/passwd, and the lab SMTP server
+(`reconciler.lab.rental_smtp`) calls the same functions on every transaction, so what this
+provider observes is exactly how the SMTP server behaves.
 
 Writes are atomic (temp file + fsync + os.replace), keep the previous file as `<name>.bak`,
 and are serialised between mailrec processes (the daemon and a CLI run) by an flock.
@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import ipaddress
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ from reconciler.model import HOST_LABEL_RE, USER_NAME_RE, Rental
 
 # Maildir sub-directories holding delivered messages; tmp/ holds deliveries in progress.
 MESSAGE_SUBDIRS = ("new", "cur")
+# The local part of an alias member (a forwarding target, possibly at another domain): dot-atoms
+# of letters, digits, '_', '+', '=' and '-'. Narrower than RFC 5321 on purpose: members are
+# written into the lab's files and the VPS's map sources, where '#' starts a comment, ',' and
+# blanks separate members, and they end up in argv and log lines.
+_MEMBER_LOCAL_RE = re.compile(r"^[a-z0-9_+=-]+(?:\.[a-z0-9_+=-]+)*\Z", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,43 @@ def parse_address(text: str) -> Address | None:
     if not at or not USER_NAME_RE.match(local) or not valid_domain(domain):
         return None
     return Address(local, domain)
+
+
+def parse_member(text: str) -> str | None:
+    """An alias member as a lower-case full address (`local@domain`, any domain), or None if
+    it is not one mailrec will write (see `_MEMBER_LOCAL_RE`)."""
+    local, at, domain = text.strip().lower().rpartition("@")
+    if not at or len(local) > 64 or not _MEMBER_LOCAL_RE.match(local) or not valid_domain(domain):
+        return None
+    return f"{local}@{domain}"
+
+
+def alias_members(address: str, members: tuple[str, ...]) -> tuple[str, ...]:
+    """The members of a new alias `address`, validated, lower-case, without duplicates and
+    sorted (as observe reports them); raises ProviderError naming the bad one.
+
+    Every provider checks them before writing anything: a member goes into a file (the lab's
+    aliases file, the VPS's map source), where a newline would add an entry and a comma or a
+    blank another member, and into log lines.
+    """
+    if isinstance(members, str):
+        # A bare string would be taken letter by letter.
+        raise ProviderError(f"members of {address} must be a tuple of addresses")
+    checked = set()
+    for member in members:
+        parsed = parse_member(member) if isinstance(member, str) else None
+        if parsed is None:
+            raise ProviderError(
+                f"refusing to create the alias {address}: member {member!r} is not a mail "
+                "address (local@domain; letters, digits, '.', '_', '+', '=' or '-')"
+            )
+        if parsed == address:
+            # Delivery would loop back into the alias: no mailbox of that name may exist.
+            raise ProviderError(f"refusing to create the alias {address}: it lists itself")
+        checked.add(parsed)
+    if not checked:
+        raise ProviderError(f"refusing to create the alias {address}: it has no members")
+    return tuple(sorted(checked))
 
 
 def meaningful_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -98,6 +141,48 @@ def read_mailboxes(path: Path) -> frozenset[Address]:
             )
         boxes.add(address)
     return frozenset(boxes)
+
+
+def read_aliases(
+    path: Path, *, default_domain: str | None = None
+) -> dict[Address, tuple[str, ...]]:
+    """The lab rental's aliases: `name@domain: member@domain, member@other` per line.
+
+    With `default_domain` a bare `name:` is taken at that domain (the manual provider's
+    aliases file, written by an admin). Members come back lower-case, without duplicates,
+    sorted. A name given twice is an error rather than "first wins" (what postmap does, with a
+    warning nobody reads).
+    """
+    aliases: dict[Address, tuple[str, ...]] = {}
+    first_line: dict[Address, int] = {}
+    for number, line in meaningful_lines(path):
+        name_text, sep, members_text = line.partition(":")
+        if default_domain is not None and "@" not in name_text:
+            name_text = f"{name_text.strip()}@{default_domain}"
+        name = parse_address(name_text)
+        if not sep or name is None:
+            expected = "name@domain" if default_domain is None else "name or name@domain"
+            raise ProviderError(
+                f"{path}:{number}: {line!r} is not an alias (expected {expected}: "
+                "member@domain, ... with a name of lower-case letters, digits, '.', '_' or '-')"
+            )
+        if not members_text.strip():
+            raise ProviderError(f"{path}:{number}: the alias {name} has no members")
+        members = set()
+        for item in members_text.split(","):
+            member = parse_member(item)
+            if member is None:
+                raise ProviderError(
+                    f"{path}:{number}: {item.strip()!r} (a member of {name}) is not a mail address"
+                )
+            members.add(member)
+        if name in first_line:
+            raise ProviderError(
+                f"{path}:{number}: the alias {name} is already defined on line {first_line[name]}"
+            )
+        first_line[name] = number
+        aliases[name] = tuple(sorted(members))
+    return aliases
 
 
 def parse_network(text: str) -> IpNetwork:
@@ -211,11 +296,24 @@ class LabProvider(RentalProvider):
             for box in read_mailboxes(layout.rental_mailboxes)
             if box.domain == self.domain
         }
+        aliases = {
+            name.local: members
+            for name, members in read_aliases(layout.rental_aliases).items()
+            if name.domain == self.domain
+        }
+        notes = tuple(
+            # The SMTP server looks aliases up first, as Postfix does: the mailbox gets no mail.
+            f"{name}@{self.domain} is both an alias and a mailbox: mail goes to the alias's "
+            "members, the mailbox receives none"
+            for name in sorted(aliases.keys() & boxes.keys())
+        )
         return RentalSnapshot(
             domain_accepted=self.domain in read_domains(layout.rental_domains),
             mailboxes=dict(sorted(boxes.items())),
             whitelist=read_whitelist(layout.rental_whitelist),
+            notes=notes,
             whitelist_verified=True,  # the lab rental's own file, which its server obeys
+            aliases=dict(sorted(aliases.items())),
         )
 
     def maildir(self, user: str) -> Path:
@@ -225,12 +323,7 @@ class LabProvider(RentalProvider):
     def create_mailbox(self, user: str) -> None:
         address = self._address(user)
         with self._locked():
-            if self.domain not in read_domains(self.layout.rental_domains):
-                # A real panel cannot create an address under a domain it does not host.
-                raise ProviderError(
-                    f"cannot create {address}: the lab rental does not host {self.domain} "
-                    f"(add it to {self.layout.rental_domains})"
-                )
+            self._require_domain(address)
             maildir = self.maildir(user)
             for sub in ("tmp", "new", "cur"):
                 (maildir / sub).mkdir(parents=True, exist_ok=True)
@@ -260,6 +353,27 @@ class LabProvider(RentalProvider):
             with contextlib.suppress(FileNotFoundError):
                 maildir.rmdir()
 
+    def create_alias(self, name: str, members: tuple[str, ...]) -> None:
+        address = self._address(name)
+        wanted = alias_members(str(address), members)
+        with self._locked():
+            self._require_domain(address)
+            if address in read_mailboxes(self.layout.rental_mailboxes):
+                # The alias would be looked up first and silently take the mailbox's mail.
+                raise ProviderError(
+                    f"refusing to create the alias {address}: a mailbox of that name exists "
+                    f"(in {self.layout.rental_mailboxes})"
+                )
+            aliases = read_aliases(self.layout.rental_aliases)
+            if aliases.get(address) == wanted:
+                return  # already so: apply is idempotent
+            aliases[address] = wanted
+            ordered = sorted(aliases.items(), key=lambda item: (item[0].domain, item[0].local))
+            atomic_write(
+                self.layout.rental_aliases,
+                "".join(f"{alias}: {', '.join(targets)}\n" for alias, targets in ordered),
+            )
+
     def set_whitelist(self, add: frozenset[IpNetwork], remove: frozenset[IpNetwork]) -> None:
         with self._locked():
             current = read_whitelist(self.layout.rental_whitelist)
@@ -274,6 +388,14 @@ class LabProvider(RentalProvider):
         if not USER_NAME_RE.match(user):
             raise ProviderError(f"{user!r} is not a valid user name")
         return Address(user, self.domain)
+
+    def _require_domain(self, address: Address) -> None:
+        if self.domain not in read_domains(self.layout.rental_domains):
+            # A real panel cannot create an address under a domain it does not host.
+            raise ProviderError(
+                f"cannot create {address}: the lab rental does not host {self.domain} "
+                f"(add it to {self.layout.rental_domains})"
+            )
 
     def _refuse_if_holding(self, address: Address, maildir: Path) -> None:
         held = count_messages(maildir)

@@ -5,9 +5,11 @@ at such a service, so its mailbox and whitelist steps are manual steps: `instruc
 prints the exact panel steps, the step waits for `mailrec ack`, and `observe()` then
 *verifies* the result from outside, over SMTP, the way any mail server on the Internet sees it:
 
-- mailbox probe: one session for all users: EHLO, `MAIL FROM:<>`, `RCPT TO:<user@domain>` for
-  every user (all RCPTs of a batch in one write when the server offers PIPELINING), RSET,
-  QUIT; never DATA, so nothing is ever sent. 250 = the mailbox exists, 550 = it does not.
+- mailbox probe: one session for all users and aliases: EHLO, `MAIL FROM:<>`,
+  `RCPT TO:<name@domain>` for every user and every alias name (all RCPTs of a batch in one
+  write when the server offers PIPELINING), RSET, QUIT; never DATA, so nothing is ever sent.
+  250 = the mailbox (or alias) exists, 550 = it does not. A RCPT cannot show an alias's
+  members: they come from the aliases file, else they are unknown (None).
   `postmaster@domain` shows whether the rental hosts the domain at all, and a made-up
   canary address shows whether a 250 means anything (a catch-all, or a server relaying for
   us, answers 250 to everything).
@@ -15,9 +17,10 @@ prints the exact panel steps, the step waits for `mailrec ack`, and `observe()` 
   external address without AUTH: 250 = the source is on the no-auth relay whitelist,
   554/550 relay denied = it is not.
 
-The admin may also keep the panel's mailbox list and whitelist in files in the state repo
-(`options.mailboxes_file`, `options.whitelist_file`); a probe result wins over a file, and the
-snapshot's notes say what disagreed. Every address is validated before it reaches SMTP.
+The admin may also keep the panel's mailbox list, aliases and whitelist in files in the state
+repo (`options.mailboxes_file`, `options.aliases_file`, `options.whitelist_file`); a probe
+result wins over a file, and the snapshot's notes say what disagreed. Every address is
+validated before it reaches SMTP.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import ipaddress
 import re
 import secrets
 import smtplib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar
@@ -43,6 +46,8 @@ from reconciler.drivers.rental.base import (
 from reconciler.drivers.rental.lab import (
     meaningful_lines,
     parse_address,
+    parse_member,
+    read_aliases,
     read_whitelist,
     valid_domain,
 )
@@ -52,6 +57,7 @@ IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 OPTIONS = {
     "mailboxes_file": "file in the state repo listing the rental's mailboxes (one per line)",
+    "aliases_file": "file in the state repo listing the rental's aliases (name: member, ...)",
     "whitelist_file": "file in the state repo listing the relay whitelist (one CIDR per line)",
     "panel_url": "the control panel's address, quoted in instructions",
     "probe_timeout": "seconds to wait for the rental's SMTP server (default 30)",
@@ -118,6 +124,9 @@ class MailboxProbe:
     postmaster: Reply
     sessions: int
     relayed_here: bool = False  # the rental relays for this host (an external RCPT got 250)
+    # The same for the alias names probed in the same session(s).
+    alias_exists: dict[str, bool] = field(default_factory=dict)
+    alias_replies: dict[str, Reply] = field(default_factory=dict)
 
     @property
     def undecided(self) -> list[str]:
@@ -166,6 +175,39 @@ def merge_mailboxes(
     return boxes, notes
 
 
+def merge_aliases(
+    listed: Mapping[str, tuple[str, ...]] | None, probe: MailboxProbe, domain: str
+) -> tuple[dict[str, tuple[str, ...] | None], list[str]]:
+    """The snapshot's aliases from the admin's file and the probe: the probe decides whether
+    an alias exists (as for mailboxes); only the file can say its members."""
+    notes: list[str] = []
+    if probe.domain_accepted is False:
+        return {}, notes  # merge_mailboxes says why
+    aliases: dict[str, tuple[str, ...] | None] = {}
+    for name in sorted(set(probe.alias_replies) | set(listed or {})):
+        in_file = listed is not None and name in listed
+        address = f"{name}@{domain}"
+        if name in probe.alias_exists:
+            exists = probe.alias_exists[name]
+            if listed is not None and exists != in_file:
+                said = "lists" if in_file else "does not list"
+                notes.append(
+                    f"{address}: the aliases file {said} it, but the rental answered "
+                    f"{probe.alias_replies[name]}: taken as {'present' if exists else 'missing'}"
+                )
+        else:
+            exists = in_file
+            if name in probe.alias_replies and not probe.accepts_anything:
+                notes.append(
+                    f"{address}: alias not verified, the rental answered "
+                    f"{probe.alias_replies[name]}"
+                )
+        if exists:
+            # A 250 proves the name is accepted, not where it forwards: members unknown.
+            aliases[name] = listed[name] if listed is not None and in_file else None
+    return aliases, notes
+
+
 def merge_whitelist(
     listed: frozenset[IpNetwork],
     declared: Iterable[IpNetwork],
@@ -211,7 +253,8 @@ class ManualProvider(RentalProvider):
 
     name: ClassVar[str] = "manual"
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.LIST_MAILBOXES, Capability.READ_WHITELIST}
+        # Aliases are listed as mailboxes are: which exist, by probe (members from the file).
+        {Capability.LIST_MAILBOXES, Capability.READ_WHITELIST, Capability.LIST_ALIASES}
     )
 
     def __init__(self, config: Rental, context: ProviderContext) -> None:
@@ -228,6 +271,7 @@ class ManualProvider(RentalProvider):
         if not valid_domain(self.domain):
             raise ProviderError(f"{context.domain!r} is not a domain name")
         self.mailboxes_file = self._state_file(options.get("mailboxes_file"), "mailboxes_file")
+        self.aliases_file = self._state_file(options.get("aliases_file"), "aliases_file")
         self.whitelist_file = self._state_file(options.get("whitelist_file"), "whitelist_file")
         self.panel_url = options.get("panel_url")
         self.timeout = self._timeout(options.get("probe_timeout", "30"))
@@ -250,8 +294,13 @@ class ManualProvider(RentalProvider):
     def observe(self) -> RentalSnapshot:
         listed = self.read_mailboxes_file()
         users = set(self.context.users) | set(listed or ())
-        probe = self._probe_mailboxes(users)
+        listed_aliases = self.read_aliases_file()
+        alias_names = set(self.context.aliases) | set(listed_aliases or ())
+        # Users and alias names in the same session(s): the cost does not grow with aliases.
+        probe = self._probe_mailboxes(users, alias_names)
         mailboxes, notes = merge_mailboxes(listed, probe, self.domain)
+        aliases, alias_notes = merge_aliases(listed_aliases, probe, self.domain)
+        notes.extend(alias_notes)
         if probe.domain_accepted is None:
             # Taken as not accepted: routing mail to a rental that may bounce it is the
             # mistake MR001 exists to prevent.
@@ -293,6 +342,7 @@ class ManualProvider(RentalProvider):
             # A panel cannot be read: the listed whitelist is what someone wrote down.
             whitelist_verified=False,
             relay_checks=checks,
+            aliases=aliases,
         )
 
     def read_mailboxes_file(self) -> frozenset[str] | None:
@@ -315,6 +365,21 @@ class ManualProvider(RentalProvider):
             if address.domain == self.domain:  # the rental may host other domains too
                 users.add(address.local)
         return frozenset(users)
+
+    def read_aliases_file(self) -> dict[str, tuple[str, ...]] | None:
+        """The admin's list of aliases (`name: member@domain, ...` per line), if kept."""
+        path = self.aliases_file
+        if path is None:
+            return None
+        if not path.is_file():
+            raise ProviderError(
+                f"options.aliases_file {path} does not exist (create it; it may be empty)"
+            )
+        return {
+            name.local: members
+            for name, members in read_aliases(path, default_domain=self.domain).items()
+            if name.domain == self.domain  # the rental may host other domains too
+        }
 
     def read_whitelist_file(self) -> frozenset[IpNetwork]:
         path = self.whitelist_file
@@ -364,11 +429,12 @@ class ManualProvider(RentalProvider):
             f"answered {reply}: cannot tell whether the source is whitelisted"
         )
 
-    def _probe_mailboxes(self, users: Iterable[str]) -> MailboxProbe:
+    def _probe_mailboxes(self, users: Iterable[str], aliases: Iterable[str] = ()) -> MailboxProbe:
         names = sorted({self._user(u) for u in users})
+        alias_names = sorted({self._user(a, "alias name") for a in aliases})
         # A made-up address that cannot exist: if it gets 250, so would anything.
         canary = f"{CANARY_PREFIX}{secrets.token_hex(4)}"
-        locals_ = list(dict.fromkeys(["postmaster", canary, *names]))
+        locals_ = list(dict.fromkeys(["postmaster", canary, *names, *alias_names]))
         # One external address in the same session tells a catch-all domain (250 to anything
         # there) from a server that relays everything for this host.
         outside_address = self.relay_probe_to
@@ -380,25 +446,30 @@ class ManualProvider(RentalProvider):
         accepts_anything = canary_reply.kind is ReplyKind.OK
         domain_accepted = judge_domain(postmaster, canary_reply, outside)
 
-        exists: dict[str, bool] = {}
-        for name in names:
-            kind = replies[name].kind
-            if domain_accepted is False:
-                exists[name] = False
-            elif accepts_anything:
-                continue
-            elif kind is ReplyKind.OK:
-                exists[name] = True
-            elif kind is ReplyKind.NO_USER:
-                exists[name] = False
+        def decided(wanted: Sequence[str]) -> dict[str, bool]:
+            exists: dict[str, bool] = {}
+            for name in wanted:
+                kind = replies[name].kind
+                if domain_accepted is False:
+                    exists[name] = False
+                elif accepts_anything:
+                    continue
+                elif kind is ReplyKind.OK:
+                    exists[name] = True
+                elif kind is ReplyKind.NO_USER:
+                    exists[name] = False
+            return exists
+
         return MailboxProbe(
             domain_accepted=domain_accepted,
-            exists=exists,
+            exists=decided(names),
             replies={name: replies[name] for name in names},
             accepts_anything=accepts_anything,
             postmaster=postmaster,
             sessions=sessions,
             relayed_here=outside.kind is ReplyKind.OK,
+            alias_exists=decided(alias_names),
+            alias_replies={name: replies[name] for name in alias_names},
         )
 
     def _rcpt_session(
@@ -535,6 +606,10 @@ class ManualProvider(RentalProvider):
                 steps.append(f"{file_step} and commit it.")
             steps.append(f"Run: mailrec ack mailbox/{target}")
             return _render(title, steps, f"mailrec then checks it: {check}.")
+        if action == "create_alias":
+            alias = self._alias_instructions(target)
+            if alias is not None:
+                return alias
         if action in ("add_whitelist", "remove_whitelist"):
             try:
                 network = ipaddress.ip_network(target, strict=True)
@@ -579,6 +654,39 @@ class ManualProvider(RentalProvider):
                 check = "mailrec cannot check this entry: no probe source address is set."
             return _render(title, steps, check)
         return super().instructions(action, target)
+
+    def _alias_instructions(self, target: str) -> str | None:
+        """Steps for `create_alias` with target `name: member@domain, ...`; None when the
+        target is malformed (the generic text then says it as given)."""
+        name, sep, members_text = target.partition(":")
+        name = name.strip()
+        members = [parse_member(m) for m in members_text.split(",") if m.strip()]
+        if not sep or not USER_NAME_RE.match(name) or not members or None in members:
+            return None
+        listed = ", ".join(sorted({m for m in members if m is not None}))
+        panel = self.panel_url or "the rental's control panel"
+        host, port = self.endpoint
+        address = f"{name}@{self.domain}"
+        steps = [
+            f"Sign in to {panel}.",
+            f'Under the mail addresses of {self.domain}, add a forwarding address (alias, '
+            f'"転送") "{name}" (address {address}) that forwards to {listed}, with no mailbox '
+            "of its own; if it already exists, set its destinations to exactly these.",
+        ]
+        if self.aliases_file is not None:
+            steps.append(
+                f'In {self._repo_path(self.aliases_file)}, put the line "{name}: {listed}" '
+                f"(replacing any line for {name}) and commit it."
+            )
+        steps.append(f"Run: mailrec ack alias/{name}")
+        members_source = (
+            "taken from the aliases file" if self.aliases_file is not None else "not checked"
+        )
+        check = (
+            f"mailrec then checks it: RCPT TO:<{address}> on {host}:{port} must answer 250; "
+            f"the destinations cannot be seen from outside, so they are {members_source}."
+        )
+        return _render(f"Create the forwarding address {address} at the rental", steps, check)
 
     # --- option parsing ----------------------------------------------------------------
     def _state_file(self, value: str | None, option: str) -> Path | None:
@@ -626,9 +734,9 @@ class ManualProvider(RentalProvider):
             raise ProviderError(f"rental.options.{option} {value!r} is not a mail address")
         return text
 
-    def _user(self, user: str) -> str:
-        if not USER_NAME_RE.match(user):
-            raise ProviderError(f"{user!r} is not a valid user name: not probed")
+    def _user(self, user: str, what: str = "user name") -> str:
+        if not isinstance(user, str) or not USER_NAME_RE.match(user):
+            raise ProviderError(f"{user!r} is not a valid {what}: not probed")
         return user
 
     def _endpoint(self) -> tuple[str, int]:

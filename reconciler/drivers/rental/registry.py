@@ -33,6 +33,7 @@ _NEEDS_METHOD: dict[Capability, str] = {
     Capability.CREATE_MAILBOX: "create_mailbox",
     Capability.DELETE_MAILBOX: "delete_mailbox",
     Capability.WRITE_WHITELIST: "set_whitelist",
+    Capability.CREATE_ALIAS: "create_alias",
 }
 
 

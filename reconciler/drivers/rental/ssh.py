@@ -11,7 +11,10 @@ Files it owns on the VPS (paths are options, see docs/providers/ssh.md):
 - the virtual mailbox map source (`virtual_mailbox_maps`), one `user@domain  domain/user/` line
   per mailbox, compiled with `postmap`;
 - the Dovecot passwd-file, one `user@domain:{SHA512-CRYPT}...:uid:gid::maildir::` line each;
-- the mynetworks file: the no-auth relay whitelist, referenced from main.cf `mynetworks`.
+- the mynetworks file: the no-auth relay whitelist, referenced from main.cf `mynetworks`;
+- the virtual alias map source (`virtual_alias_maps`, only when that option is set), one
+  `alias@domain  member@domain, member@other` line per alias; without the option the provider
+  offers no alias capability (see `supports`).
 Every change is: write (temp file + rename, previous kept as `.bak`), `postmap`,
 `postfix check`, `postfix reload`, observe again; a failed check restores the previous file.
 """
@@ -24,7 +27,7 @@ import posixpath
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar, Final, Literal
@@ -38,10 +41,12 @@ from reconciler.drivers.rental.base import (
     RentalSnapshot,
 )
 from reconciler.drivers.rental.crypt import sha512_crypt, verify_sha512_crypt
+from reconciler.drivers.rental.lab import alias_members
 from reconciler.drivers.rental.vps_files import (
     count_messages,
     map_source_with,
     map_source_without,
+    parse_alias_map,
     parse_map_source,
     parse_mynetworks,
     parse_network,
@@ -66,7 +71,8 @@ from reconciler.transport import (
 # moved; tests and plug-ins import them from this module).
 __all__ = [
     "DOMAIN_RE", "OPTION_DEFAULTS", "PostfixProgram", "SshOptions", "SshProvider", "VpsState",
-    "count_messages", "map_source_with", "map_source_without", "parse_map_source",
+    "count_messages", "map_source_with", "map_source_without", "parse_alias_map",
+    "parse_map_source",
     "parse_mynetworks", "parse_network", "parse_passwd_users", "parse_postconf", "passwd_with",
     "passwd_without", "postfix_network", "render_mynetworks", "sha512_crypt", "split_list",
     "verify_sha512_crypt",
@@ -93,7 +99,10 @@ _POSTCONF_PARAMS: Final = (
     "mynetworks",
     "virtual_uid_maps",
     "virtual_gid_maps",
+    "virtual_alias_maps",
 )
+# Offered only with the virtual_alias_maps option: without it there is no file to read or write.
+_ALIAS_CAPABILITIES: Final = frozenset({Capability.LIST_ALIASES, Capability.CREATE_ALIAS})
 
 OPTION_DEFAULTS: Final[Mapping[str, str | None]] = {
     "connect": None,
@@ -107,6 +116,9 @@ OPTION_DEFAULTS: Final[Mapping[str, str | None]] = {
     "mynetworks_file": None,  # default <postfix_dir>/mynetworks
     "password_dir": "/var/lib/mailrec/initial-passwords",
     "mail_owner": None,  # uid:gid; default from main.cf virtual_uid_maps/virtual_gid_maps
+    # The virtual alias map source mailrec owns. No default: a VPS may keep its aliases
+    # elsewhere (or by hand), and mailrec must not start writing a file nobody asked for.
+    "virtual_alias_maps": None,
 }
 
 
@@ -128,6 +140,7 @@ class SshOptions:
     mynetworks_file: str
     password_dir: str
     mail_owner: tuple[int, int] | None
+    virtual_aliases: str | None = None  # the alias map source; None: aliases not managed
 
     @classmethod
     def parse(cls, options: Mapping[str, str], context: ProviderContext) -> SshOptions:
@@ -174,7 +187,7 @@ class SshOptions:
             owner = (int(match.group(1)), int(match.group(2)))
         postfix_dir = remote_path("postfix_dir")
         key_file = local_path("key_file")
-        return cls(
+        parsed = cls(
             connect=connect,
             known_hosts=local_path("known_hosts") or context.known_hosts,
             key_file=str(key_file) if key_file else None,
@@ -188,7 +201,19 @@ class SshOptions:
             ),
             password_dir=remote_path("password_dir"),
             mail_owner=owner,
+            virtual_aliases=remote_path("virtual_alias_maps")
+            if merged["virtual_alias_maps"]
+            else None,
         )
+        if parsed.virtual_aliases in (
+            parsed.vmailbox, parsed.mynetworks_file, parsed.dovecot_passwd
+        ):
+            # Writing aliases would overwrite the mailboxes, the whitelist or the logins.
+            raise ProviderError(
+                f"rental.options.virtual_alias_maps {parsed.virtual_aliases} is also the "
+                "mailbox map, the mynetworks file or the Dovecot passwd-file; give it its own file"
+            )
+        return parsed
 
 
 @dataclass(frozen=True)
@@ -207,6 +232,9 @@ class VpsState:
     whitelist: frozenset[IpNetwork]
     whitelist_referenced: bool
     notes: tuple[str, ...]
+    alias_map_type: str | None = None  # type of the virtual_alias_maps entry naming our file
+    aliases_text: str | None = None
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # address -> members
 
 
 class SshProvider(RentalProvider):
@@ -242,6 +270,13 @@ class SshProvider(RentalProvider):
             except TransportError as exc:
                 raise ProviderError(f"rental (ssh): {exc}") from exc
         return self._transport
+
+    def supports(self, capability: Capability) -> bool:
+        # `capabilities` is the class's (what the registry checks against the methods); the
+        # alias ones depend on this instance's options.
+        if capability in _ALIAS_CAPABILITIES and self.options.virtual_aliases is None:
+            return False
+        return super().supports(capability)
 
     def close(self) -> None:
         if self._transport is not None:
@@ -285,12 +320,18 @@ class SshProvider(RentalProvider):
             for address in state.vmailbox
             if address.endswith(suffix)
         }
+        aliases: dict[str, tuple[str, ...] | None] = {
+            address[: -len(suffix)]: members
+            for address, members in sorted(state.aliases.items())
+            if address.endswith(suffix)
+        }
         return RentalSnapshot(
             domain_accepted=state.domain_accepted,
             mailboxes=mailboxes,
             whitelist=state.whitelist,
             notes=state.notes,
             whitelist_verified=True,  # Postfix's mynetworks on the VPS, as read
+            aliases=aliases,
         )
 
     def _read_state(self) -> VpsState:
@@ -344,6 +385,8 @@ class SshProvider(RentalProvider):
             whitelist, other = parse_mynetworks(mynetworks_text)
             if other:
                 notes.append(f"{opts.mynetworks_file}: entries not managed: {', '.join(other)}")
+
+        alias_map_type, aliases_text, aliases = self._read_aliases(settings, vmailbox, notes)
         return VpsState(
             settings=settings,
             domain_accepted=domain_accepted,
@@ -357,7 +400,48 @@ class SshProvider(RentalProvider):
             whitelist=whitelist if referenced else frozenset(),
             whitelist_referenced=referenced,
             notes=tuple(notes),
+            alias_map_type=alias_map_type,
+            aliases_text=aliases_text,
+            aliases=aliases,
         )
+
+    def _read_aliases(
+        self, settings: Mapping[str, str], vmailbox: Mapping[str, str], notes: list[str]
+    ) -> tuple[str | None, str | None, dict[str, tuple[str, ...]]]:
+        """The alias map: one file read, part of the observation's fixed set (the names and
+        members of every alias are in it; nothing is looked up per alias)."""
+        path = self.options.virtual_aliases
+        if path is None:
+            return None, None, {}
+        map_type = self._map_type(settings, "virtual_alias_maps", path)
+        text = self._read(path)
+        if map_type is None:
+            # Like the whitelist: a file Postfix does not read holds no alias in effect.
+            notes.append(
+                f"{self.where}: main.cf virtual_alias_maps does not use {path}; aliases "
+                "mailrec writes there would not receive mail"
+            )
+            return None, text, {}
+        if text is None:
+            notes.append(f"{self.where}: the alias map {path} is missing")
+            return map_type, None, {}
+        aliases = parse_alias_map(text)
+        suffix = "@" + self.domain
+        for address, members in sorted(aliases.items()):
+            if not address.endswith(suffix):
+                continue
+            if address in vmailbox:
+                notes.append(
+                    f"{address} is both an alias and a mailbox: Postfix delivers to the alias's "
+                    "members, the mailbox receives none"
+                )
+            bare = [m for m in members if "@" not in m]
+            if bare:
+                notes.append(
+                    f"{address}: member(s) {', '.join(bare)} are not full addresses (Postfix "
+                    "appends myorigin, the VPS's own name)"
+                )
+        return map_type, text, aliases
 
     def _domain_accepted(self, settings: Mapping[str, str]) -> bool:
         for item in split_list(settings.get("virtual_mailbox_domains", "")):
@@ -383,12 +467,19 @@ class SshProvider(RentalProvider):
                     return True
         return False
 
-    def _map_type(self, settings: Mapping[str, str]) -> str | None:
-        for item in split_list(settings.get("virtual_mailbox_maps", "")):
+    def _map_type(
+        self,
+        settings: Mapping[str, str],
+        parameter: str = "virtual_mailbox_maps",
+        path: str | None = None,
+    ) -> str | None:
+        """The type of the `parameter` entry naming `path` (default: the mailbox map)."""
+        wanted = self.options.vmailbox if path is None else path
+        for item in split_list(settings.get(parameter, "")):
             parts = item.split(":")
             if parts[0] == "proxy":
                 parts = parts[1:]
-            if len(parts) == 2 and parts[1] == self.options.vmailbox:
+            if len(parts) == 2 and parts[1] == wanted:
                 kind = parts[0]
                 if kind in _INDEXED_TYPES or kind == "texthash":
                     return kind
@@ -572,8 +663,10 @@ class SshProvider(RentalProvider):
             secret_file,
         )
 
-    def _check_lookup(self, address: str, map_type: str, expected: str) -> None:
-        table = f"{map_type}:{self.options.vmailbox}"
+    def _check_lookup(
+        self, address: str, map_type: str, expected: str, path: str | None = None
+    ) -> None:
+        table = f"{map_type}:{self.options.vmailbox if path is None else path}"
         found = self._run(self._postfix("postmap", "-q", address, table), check=False).strip()
         if found != expected:
             raise ProviderError(
@@ -609,6 +702,46 @@ class SshProvider(RentalProvider):
         except ProviderError as exc:
             return f"restoring {path} ALSO FAILED: {exc}"
         return f"restored the previous {path}"
+
+    def create_alias(self, name: str, members: tuple[str, ...]) -> None:
+        address = self._address(name)
+        wanted = alias_members(address, members)
+        path = self.options.virtual_aliases
+        if path is None:
+            raise ProviderError(
+                f"{self.where}: aliases are not managed here: set rental.options."
+                "virtual_alias_maps to the alias map source named in main.cf virtual_alias_maps"
+            )
+        state = self._read_state()
+        if address in state.vmailbox or address in state.logins:
+            # Postfix looks the alias up first: the mailbox would silently stop receiving mail.
+            raise ProviderError(
+                f"refusing to create the alias {address} on {self.where}: a mailbox of that "
+                "name exists"
+            )
+        problems = []
+        if not state.domain_accepted:
+            problems.append(f"add {self.domain} to virtual_mailbox_domains in main.cf")
+        if state.alias_map_type is None:
+            problems.append(f"set virtual_alias_maps = hash:{path} in main.cf")
+        if problems:
+            raise ProviderError(
+                f"{self.where} is not set up for mailrec's aliases: " + "; ".join(problems)
+            )
+        assert state.alias_map_type is not None
+        if state.aliases.get(address) == wanted:
+            return  # already so: apply is idempotent
+        value = ", ".join(wanted)
+        text = map_source_with(state.aliases_text or "", address, value)
+        self._change_postfix_file(path, state.aliases_text, text, state.alias_map_type)
+        self._check_lookup(address, state.alias_map_type, value, path)
+        after = self._read_state()
+        if after.aliases.get(address) != wanted:
+            raise ProviderError(
+                f"{self.where}: wrote the alias {address} but observing again shows "
+                f"{after.aliases.get(address)!r}, expected {wanted!r}"
+            )
+        log.info("%s: alias %s now delivers to %s", self.where, address, value)
 
     def delete_mailbox(self, user: str) -> None:
         address = self._address(user)
@@ -696,3 +829,4 @@ class SshProvider(RentalProvider):
             )
             or "(empty)",
         )
+

@@ -2,9 +2,10 @@
 pure parsing and rendering, no I/O.
 
 Sits under `ssh.py`: the provider fetches text over the transport (`postconf -x` output, the
-virtual mailbox map source, the Dovecot passwd-file, the mynetworks file, a `find` listing of
-the Maildirs) and hands it to the parsers here; the changes it writes back are rendered here
-(a map source or passwd-file with one entry added or removed, the whole mynetworks file).
+virtual mailbox and virtual alias map sources, the Dovecot passwd-file, the mynetworks file, a
+`find` listing of the Maildirs) and hands it to the parsers here; the changes it writes back are
+rendered here (a map source or passwd-file with one entry added or removed, the whole
+mynetworks file).
 Tested against samples of real output (tests/integration/test_rental_ssh_parse.py).
 """
 
@@ -59,6 +60,15 @@ def parse_map_source(text: str) -> dict[str, str]:
         fields = joined.split(None, 1)
         result[fields[0].lower()] = fields[1].strip() if len(fields) > 1 else ""
     return result
+
+
+def parse_alias_map(text: str) -> dict[str, tuple[str, ...]]:
+    """A virtual alias map source (`info@domain  a@domain, b@other`): address -> members,
+    lower-case and sorted (Postfix separates them by commas and/or blanks)."""
+    return {
+        key: tuple(sorted({member.lower() for member in split_list(value)}))
+        for key, value in parse_map_source(text).items()
+    }
 
 
 def map_source_with(text: str, key: str, value: str) -> str:
