@@ -1,8 +1,10 @@
 """The non-lab backend end to end: `mailrec plan` and `mailrec apply` through the CLI against a
 real Postfix over real sshd on 127.0.0.2 (tests/integration/onprem.py), a real BIND 9 on
 127.0.0.4 (tests/dns_server.py) and the lab rental SMTP server on 127.0.0.3, probed by the
-`manual` rental provider at `rental.smtp_host:relay_port`. One user's inbound moves; the other
-systems must stay untouched. Under CI=true a missing service fails these tests.
+`manual` rental provider at `rental.smtp_host:relay_port`. One user's inbound moves, after a
+probe message has gone from onprem's Postfix to the rental by the transport mailrec writes
+(`onprem/forward-probe`, recorded in the journal); the other systems must stay untouched.
+Under CI=true a missing service fails these tests.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.journal import Journal
+from reconciler.lab.rental_smtp import read_log
 from tests.conftest import run_cli
 from tests.dns_server import NamedServer, named_or_unavailable
 from tests.integration.onprem import (
@@ -93,6 +97,39 @@ def ssh_env(onprem: OnpremStack, known_hosts: Path | None = None) -> dict[str, s
     }
 
 
+def probes_at_rental(onprem: OnpremStack) -> list[dict[str, object]]:
+    """The RCPTs of forward probes the lab rental SMTP server answered (it knows no such
+    mailbox: 550, which proves the path as well as a delivery)."""
+    return [entry for entry in read_log(onprem.rental_lab.root)
+            if entry["event"] == "rcpt" and entry["rcpt"] == f"mailrec-probe@{DOMAIN}"]
+
+
+def assert_probed(onprem: OnpremStack, state: Path, output: str, before: int,
+                  first_move: str) -> None:
+    """The forward probe really ran, before the first inbound move: the rental's SMTP
+    answered a new probe, the journal records the target the transport entries use, and no
+    probe entry or message is left onprem."""
+    target = f"smtp:[{RENTAL_ADDRESS}]:{onprem.rental.relay_port}"
+    lines = output.splitlines()
+    applied = [i for i, line in enumerate(lines) if "applied onprem/forward-probe" in line]
+    moved = [i for i, line in enumerate(lines) if f"applied {first_move}" in line]
+    assert applied and moved and applied[0] < moved[0], output
+    answered = probes_at_rental(onprem)[before:]
+    assert len(answered) == 1 and answered[0]["mail_from"] == "", answered
+    journal = Journal.existing(state / ".mailrec")
+    assert journal is not None
+    try:
+        event = journal.last("onprem/forward-probe")
+        assert event is not None and event.detail.get("target") == target, event
+        moved_at = journal.last(first_move)
+        assert moved_at is not None and event.at <= moved_at.at
+    finally:
+        journal.close()
+    transport = onprem.config_dir / "mailrec_transport"
+    assert "mailrec-probe@" not in transport.read_text()
+    assert "mailrec-probe@" not in onprem.postfix.run("postmap", "-s", f"hash:{transport}").stdout
+
+
 def zone_snapshot(named: NamedServer) -> tuple[tuple[str, ...], ...]:
     """The apex's SOA (serial included), MX and TXT records, order-free with their TTLs."""
     snapshot = []
@@ -115,17 +152,23 @@ def test_one_inbound_move_end_to_end(
 
     planned = run_cli("plan", "--state", str(state), "--format", "json", env=env)
     assert planned.exit_code == 2, planned.stderr
-    steps = {s["id"]: s["status"] for s in json.loads(planned.output)["steps"]}
+    plan = json.loads(planned.output)["steps"]
+    steps = {s["id"]: s["status"] for s in plan}
     assert steps == {
         "onprem/recipient-maps": "ready",
+        "onprem/forward-probe": "ready",
         f"inbound/{moving}": "ready",
         f"onprem-mailbox/{moving}": "ready",
     }
+    order = [s["id"] for s in plan]
+    assert order.index("onprem/forward-probe") < order.index(f"inbound/{moving}")
 
+    before = len(probes_at_rental(onprem))
     applied = run_cli("apply", "--state", str(state), "--yes", env=env)
     assert applied.exit_code in (0, 2), applied.output + applied.stderr
     for step in steps:
         assert f"applied {step}" in applied.output
+    assert_probed(onprem, state, applied.output, before, f"inbound/{moving}")
     dump = onprem.postfix.run(
         "postmap", "-s", f"hash:{onprem.config_dir / 'mailrec_transport'}"
     ).stdout
@@ -135,6 +178,8 @@ def test_one_inbound_move_end_to_end(
 
     again = run_cli("plan", "--state", str(state), env=env)
     assert again.exit_code == 0, again.output + again.stderr
+    assert "forward-probe" not in again.output  # recorded: not probed again
+    onprem.wait_for_empty_queue()  # the probe left nothing behind
     # What the plan promised, mail shows: accepted onprem, delivered at the rental.
     assert send(onprem, f"{moving}@{DOMAIN}", "cli-moved")[0] == 250
     wait_for([onprem.rental_maildir(moving)], "cli-moved")
@@ -175,8 +220,10 @@ def test_drift_in_mailrecs_own_map_is_seen_and_repaired_on_real_postfix(
     # Other tests on this host moved users before, without this state's journal: outbound
     # settings no ack records are unknown, so plans say exit 3 (MR002) while still applying
     # what makes nothing worse. What matters here is what is applied and what mail does.
+    before = len(probes_at_rental(onprem))
     applied = run_cli("apply", "--state", str(state), "--yes", env=env)
     assert f"applied inbound/{moving}" in applied.output, applied.output + applied.stderr
+    assert_probed(onprem, state, applied.output, before, f"inbound/{moving}")
     target = f"smtp:[{RENTAL_ADDRESS}]:{onprem.rental.relay_port}"
     transport = onprem.config_dir / "mailrec_transport"
     transport.write_text(transport.read_text().replace(target, "error:5.1.1 gone by hand"))

@@ -1,7 +1,9 @@
 """The pure Postfix facts of `reconciler/drivers/postfix.py`, on samples of real output kept in
-tests/fixtures/postfix: a Debian main.cf, `postmap -s` dumps, `getent passwd`, and mail logs in
-classic syslog and in rsyslog's ISO-8601 (high precision) format. Where Postfix's own tools are
-installed (`postconf`, `postmap`), the parser is also checked against what they say."""
+tests/fixtures/postfix: a Debian main.cf, `postconf -n` of a Debian 12 and a CentOS 6 default
+install, their /etc/aliases and /etc/login.defs, `postmap -s` dumps, `getent passwd`, and mail
+logs in classic syslog and in rsyslog's ISO-8601 (high precision) format. Where Postfix's own
+tools are installed (`postconf`, `postmap`, `postalias`), the parser is also checked against
+what they say."""
 
 from __future__ import annotations
 
@@ -11,26 +13,45 @@ import subprocess
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from reconciler.drivers.postfix import (
     RECIPIENT_MAP,
+    SPACE_PARAMS,
     TRANSPORT_MAP,
     PostfixError,
+    expand_params,
+    first_name,
     format_map,
+    forward_keys,
+    local_virtual_aliases,
+    nexthop,
+    parse_accounts,
+    parse_aliases,
+    parse_domain_list,
+    parse_login_defs,
     parse_main_cf,
     parse_map,
     parse_passwd,
+    partial_forwards,
+    points_at_rental,
     recipient_map_ref,
+    regexp_literals,
     relay_target,
     set_main_cf,
+    split_alias_members,
+    split_list,
+    table_ref,
     transport_map_ref,
     users_in_map,
+    virtual_domain_keys,
     with_map,
 )
 from reconciler.drivers.postfix_log import last_mail_seen
-from reconciler.drivers.postfix_mailbox import count_maildir
+from reconciler.drivers.postfix_mailbox import MailboxSpec, count_mailboxes, count_maildir
+from reconciler.transport import LocalTransport
 
 FIXTURES = Path(__file__).parent / "fixtures" / "postfix"
 JST = timezone(timedelta(hours=9))
@@ -420,3 +441,345 @@ def test_last_mail_seen_naive_iso_is_utc_and_unknown_lines_are_skipped() -> None
     assert last_mail_seen(log, datetime(2025, 7, 1, tzinfo=UTC)) == datetime(
         2025, 6, 30, 10, 0, tzinfo=UTC
     )
+
+
+# --- Maildir++ folders and the log's zone (issue: mail counted wherever it is) ------------------
+
+
+def _message(directory: Path, name: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text("Subject: kept\n\nx\n")
+
+
+def _maildir_plus_plus(maildir: Path) -> None:
+    """Two messages only in `.Archive/cur` (the issue's case), then one in each of
+    `.Sent.2024/new` and the nested folder `.a.b/cur`; and what is no message: tmp/, dot
+    files, a folder's `maildirfolder`, a directory that is no Maildir++ folder."""
+    for sub in ("new", "cur", "tmp"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    _message(maildir / ".Archive" / "cur", "1700000001.M1P1.mail:2,S")
+    _message(maildir / ".Archive" / "cur", "1700000002.M2P1.mail:2,S")
+    (maildir / ".Archive" / "maildirfolder").write_text("")
+    _message(maildir / ".Archive" / "tmp", "1700000003.M3P1.mail")
+    _message(maildir / ".Archive" / "cur", ".dovecot.state")
+    _message(maildir / ".Sent.2024" / "new", "1700000004.M4P1.mail")
+    _message(maildir / ".a.b" / "cur", "1700000005.M5P1.mail:2,S")
+    _message(maildir / "notafolder" / "cur", "1700000006.M6P1.mail")
+    _message(maildir / ".Archive" / "cur" / "subdir", "1700000007.M7P1.mail")
+    (maildir / ".hidden-file").write_text("not a folder")
+
+
+def test_count_maildir_counts_maildir_plus_plus_folders(tmp_path: Path) -> None:
+    maildir = tmp_path / "Maildir"
+    _message(maildir / ".Archive" / "cur", "1700000001.M1P1.mail:2,S")
+    _message(maildir / ".Archive" / "cur", "1700000002.M2P1.mail:2,S")
+    assert count_maildir(maildir) == 2  # no new/ or cur/ at all: still mail
+    _maildir_plus_plus(maildir)
+    assert count_maildir(maildir) == 4
+
+
+def test_the_scan_counts_maildir_plus_plus_folders_like_count_maildir(tmp_path: Path) -> None:
+    """The host's scan (one `find`, run here on local directories) and the lab's count agree,
+    folder by folder."""
+    homes = {name: tmp_path / "home" / name for name in ("archive", "plain", "empty", "none")}
+    _message(homes["archive"] / "Maildir" / ".Archive" / "cur", "1700000001.M1P1.mail:2,S")
+    _message(homes["archive"] / "Maildir" / ".Archive" / "cur", "1700000002.M2P1.mail:2,S")
+    _maildir_plus_plus(homes["plain"] / "Maildir")
+    _message(homes["plain"] / "Maildir" / "new", "1700000008.M8P1.mail")
+    for sub in ("new", "cur", "tmp"):
+        (homes["empty"] / "Maildir" / sub).mkdir(parents=True)
+    transport = LocalTransport()
+    counts = count_mailboxes(transport, MailboxSpec.parse("maildir:~/Maildir"),
+                             {name: str(home) for name, home in homes.items()})
+    assert counts == {"archive": 2, "plain": 5, "empty": 0, "none": 0}
+    assert counts == {name: count_maildir(home / "Maildir") for name, home in homes.items()}
+    assert transport.round_trips == 1
+    # A mailbox outside the homes ({user} in the path) has its folders counted too.
+    spool = tmp_path / "vmail"
+    _maildir_plus_plus(spool / "archive")
+    assert count_mailboxes(LocalTransport(), MailboxSpec.parse(f"maildir:{spool}/{{user}}"),
+                           {"archive": "/nonexistent", "nobody": "/nonexistent"}) == {
+        "archive": 4, "nobody": 0}
+
+
+def test_last_mail_seen_reads_classic_stamps_in_the_log_zone() -> None:
+    tokyo = ZoneInfo("Asia/Tokyo")
+    now = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)  # 18:00 in Tokyo
+    line = (
+        "Nov 29 17:00:01 mail postfix/smtp[2201]: 1A2B3C: to=<a@example.org>, "
+        "relay=mx.example.org[203.0.113.5]:25, delay=0.5, dsn=2.0.0, status=sent (250 ok)\n"
+    )
+    # 17:00:01 in Tokyo is 08:00:01 UTC, an hour ago (as UTC it would be 8 h in the future).
+    assert last_mail_seen(line, now, tokyo) == datetime(2026, 11, 29, 8, 0, 1, tzinfo=UTC)
+    # New year: Jan 1 05:00 in Tokyo is Dec 31 20:00 UTC, this year, not next.
+    new_year = line.replace("Nov 29 17:00:01", "Jan  1 05:00:00")
+    assert last_mail_seen(new_year, datetime(2026, 12, 31, 20, 0, tzinfo=UTC), tokyo) == (
+        datetime(2026, 12, 31, 20, 0, tzinfo=UTC))
+    # ... and a line of Dec 31 late evening in Tokyo read on Jan 1 is last year's.
+    december = line.replace("Nov 29 17:00:01", "Dec 31 23:30:00")
+    assert last_mail_seen(december, datetime(2027, 1, 1, 0, 0, tzinfo=UTC), tokyo) == (
+        datetime(2026, 12, 31, 14, 30, tzinfo=UTC))
+    # A zone with summer time: 12:00 in New York is 16:00 UTC in July, 17:00 in January.
+    york = ZoneInfo("America/New_York")
+    july = line.replace("Nov 29 17:00:01", "Jul  1 12:00:00")
+    assert last_mail_seen(july, datetime(2026, 7, 2, tzinfo=UTC), york) == datetime(
+        2026, 7, 1, 16, 0, tzinfo=UTC)
+    january = line.replace("Nov 29 17:00:01", "Jan  5 12:00:00")
+    assert last_mail_seen(january, datetime(2026, 1, 6, tzinfo=UTC), york) == datetime(
+        2026, 1, 5, 17, 0, tzinfo=UTC)
+    # ISO stamps carry their own offset: the zone does not move them.
+    iso = "2025-06-30T10:00:00+09:00 mail postfix/smtpd[1]: 1A2B3C: client=a.example.net[1.2.3.4]"
+    assert last_mail_seen(iso, datetime(2025, 7, 1, tzinfo=UTC), york) == datetime(
+        2025, 6, 30, 1, 0, tzinfo=UTC)
+
+
+def test_last_mail_seen_finds_the_delivery_behind_10000_rejects_and_noise() -> None:
+    noise = [
+        line for line in fixture("mail.log.syslog").splitlines()
+        if "reject:" in line or "connect from" in line or "anvil" in line
+    ]
+    log = fixture("mail.log.syslog") + "\n".join(noise[i % len(noise)] for i in range(10_000))
+    assert last_mail_seen(log, datetime(2025, 1, 1, 1, 0, tzinfo=UTC)) == datetime(
+        2025, 1, 1, 0, 2, 40, tzinfo=UTC)
+
+
+
+# --- the address space: postconf -n of default installs, aliases(5), login.defs -----------------
+
+
+def postconf_x(config_dir: Path, main_cf: str, *names: str) -> dict[str, str]:
+    """What the driver reads: `postconf -c DIR -x NAME...` of a main.cf, by Postfix itself."""
+    tool = postfix_tool("postconf")
+    if tool is None:
+        pytest.skip("postconf not installed (apt-get install postfix)")
+    lines = [line for line in main_cf.splitlines() if not line.startswith("config_directory")]
+    own_config_dir(config_dir)
+    (config_dir / "main.cf").write_text("\n".join(lines) + "\n")
+    hour_ago = time.time() - 3600
+    os.utime(config_dir / "main.cf", (hour_ago, hour_ago))
+    out = subprocess.run([tool, "-c", str(config_dir), "-x", *names],
+                         capture_output=True, text=True, check=True).stdout
+    return parse_main_cf(out)
+
+
+def test_debian12_default_mydestination_and_myorigin(tmp_path: Path) -> None:
+    params = parse_main_cf(fixture("postconf-n.debian12.txt"))
+    # Unexpanded (postconf -n), $myhostname is a name mailrec cannot see; the empty entry
+    # of Debian's ", ," is no name at all.
+    assert parse_domain_list(params["mydestination"]) == (
+        ("mail.example.co.jp", "localhost.example.co.jp", "localhost"), ("$myhostname",))
+    # Expanded as the driver reads it (postconf -x): every name, once.
+    expanded = postconf_x(tmp_path, fixture("postconf-n.debian12.txt"), "mydestination",
+                          "myorigin", "alias_maps", "local_recipient_maps",
+                          "recipient_delimiter")
+    assert parse_domain_list(expanded["mydestination"]) == (
+        ("mail.example.co.jp", "localhost.example.co.jp", "localhost"), ())
+    # Debian: myorigin names a file whose first line is the name; postconf prints the path.
+    assert expanded["myorigin"] == "/etc/mailname"
+    assert first_name("example.co.jp\n") == "example.co.jp"
+    assert first_name("\n  Mail.Example.co.jp.  \nother\n") == "mail.example.co.jp"
+    assert first_name("not a name\n") == first_name("") == ""
+    assert expanded["alias_maps"] == "hash:/etc/aliases"
+    assert expanded["local_recipient_maps"] == "proxy:unix:passwd.byname hash:/etc/aliases"
+    assert expanded["recipient_delimiter"] == "+"
+
+
+def test_centos6_default_mydestination(tmp_path: Path) -> None:
+    params = parse_main_cf(fixture("postconf-n.centos6.txt"))
+    assert params["inet_interfaces"] == "localhost"
+    assert params["alias_maps"] == "hash:/etc/aliases"
+    assert parse_domain_list(params["mydestination"]) == (
+        ("localhost",), ("$myhostname", "localhost.$mydomain"))
+    expanded = postconf_x(tmp_path, fixture("postconf-n.centos6.txt"), "mydestination",
+                          "myorigin", "mydomain", "virtual_alias_maps", "fallback_transport")
+    assert parse_domain_list(expanded["mydestination"]) == (
+        ("mail.example.co.jp", "localhost.example.co.jp", "localhost"), ())
+    assert expanded["mydomain"] == "example.co.jp"  # myhostname minus its first label
+    assert expanded["myorigin"] == "mail.example.co.jp"  # the Postfix default: $myhostname
+    assert expanded["virtual_alias_maps"] == expanded["fallback_transport"] == ""
+
+
+def test_parse_domain_list_keeps_what_it_cannot_expand_apart() -> None:
+    names, unresolved = parse_domain_list(
+        "Mail.Example.co.jp., example.co.jp,,localhost  hash:/etc/postfix/local_domains, "
+        "$unknown_parameter /etc/postfix/more_names !old.example.co.jp .sub.example.co.jp "
+        "example.co.jp")
+    assert names == ("mail.example.co.jp", "example.co.jp", "localhost")
+    assert unresolved == ("hash:/etc/postfix/local_domains", "$unknown_parameter",
+                          "/etc/postfix/more_names", "!old.example.co.jp",
+                          ".sub.example.co.jp")
+    assert parse_domain_list("") == ((), ())
+
+
+def test_split_list_and_table_refs() -> None:
+    assert split_list("hash:/a, nis:mail.aliases\n\tproxy:hash:/b") == [
+        "hash:/a", "nis:mail.aliases", "proxy:hash:/b"]
+    assert split_list("inline:{ a=b, c=d } hash:/x") == ["inline:{ a=b, c=d }", "hash:/x"]
+    assert table_ref("proxy:hash:/etc/aliases") == ("proxy", "hash:/etc/aliases")
+    assert table_ref("ldap:/etc/postfix/ldap.cf") == ("ldap", "/etc/postfix/ldap.cf")
+    for item in ("/etc/postfix/file", "$alias_maps", "example.co.jp", "Hash:/x"):
+        assert table_ref(item) is None
+
+
+def test_parse_aliases_debian12_default() -> None:
+    assert parse_aliases(fixture("aliases.debian12")) == {"postmaster": ("root",)}
+
+
+def test_parse_aliases_centos6_with_the_sites_own_names() -> None:
+    aliases = parse_aliases(fixture("aliases.centos6"))
+    assert len(aliases) == 83  # as postalias -s lists them (its own @ and YP_ keys aside)
+    assert aliases["mailer-daemon"] == ("postmaster",)
+    assert aliases["info"] == aliases["sales"] == ("postmaster",)  # the stock list has both
+    assert aliases["decode"] == ("root",)
+    assert aliases["root"] == ("suga",)  # uncommented by the admin
+    assert aliases["eigyo"] == ("suga", "tanaka", "sato@example.co.jp")  # a quoted member
+    assert aliases["soumu"] == ("tanaka", "sato", "Suzuki Aya")  # continuation lines
+    assert aliases["all-staff"] == (":include:/etc/mail/all-staff.list",)
+    assert aliases["ticket"] == ("|/usr/local/bin/ticket-intake --queue support",)
+    assert aliases["fax-archive"] == ("/var/spool/fax-archive/mbox",)
+    assert aliases["webmaster2"] == ("suga",)  # names are looked up in lower case
+    assert "#root" not in aliases
+
+
+def test_parse_aliases_reads_postalias_dump_as_it_reads_the_source(tmp_path: Path) -> None:
+    """`postalias -s` (what the driver reads: the compiled table, which is what local(8)
+    uses) gives the same aliases as the source; postalias's own `@` entry is left out."""
+    tool = postfix_tool("postalias")
+    if tool is None:
+        pytest.skip("postalias not installed (apt-get install postfix)")
+    config = own_config_dir(tmp_path / "etc")
+    source = config / "aliases"
+    source.write_text(fixture("aliases.centos6"))
+    table = f"hash:{source}"
+    subprocess.run([tool, "-c", str(config), table], check=True, capture_output=True)
+    dumped = subprocess.run([tool, "-c", str(config), "-s", table], check=True,
+                            capture_output=True, text=True).stdout
+    assert dumped.startswith("@:") or "\n@:" in dumped  # postalias adds it
+    assert parse_aliases(dumped) == parse_aliases(fixture("aliases.centos6"))
+
+
+def test_split_alias_members_per_aliases5() -> None:
+    assert split_alias_members(' suga, "Sato Taro" , tanaka@example.net,') == (
+        "suga", "Sato Taro", "tanaka@example.net")
+    assert split_alias_members('"|/usr/bin/procmail -a $EXTENSION, x", /var/mail/archive') == (
+        "|/usr/bin/procmail -a $EXTENSION, x", "/var/mail/archive")
+    assert split_alias_members("Suga Hiroshi <suga@example.co.jp>, :include:/etc/list") == (
+        "suga@example.co.jp", ":include:/etc/list")
+    assert split_alias_members('"a \\"quoted\\" name", suga, suga') == ('a "quoted" name', "suga")
+    assert split_alias_members("") == ()
+
+
+def test_local_virtual_aliases_and_domains() -> None:
+    entries = parse_map(
+        "sales@example.co.jp suga\nsales@mail.example.co.jp sato\n@example.co.jp catchall\n"
+        "other@example.net suga\nroot suga, sato tanaka\nexample.org anything\n")
+    found = local_virtual_aliases(entries, ("example.co.jp", "mail.example.co.jp"))
+    assert found == {"sales": ("suga", "sato"), "": ("catchall",),
+                     "root": ("suga", "sato", "tanaka")}
+    assert virtual_domain_keys(entries) == ("example.org",)
+
+
+def test_regexp_literals() -> None:
+    assert regexp_literals("# literal rules only\n/^sales@example\\.co\\.jp$/ suga\n"
+                           "/^Info@Example\\.co\\.jp$/i suga, sato\n") == {
+        "sales@example.co.jp": "suga", "info@example.co.jp": "suga, sato"}
+    for table in ("/^(.*)@example\\.co\\.jp$/ $1\n", "/sales/ suga\n",
+                  "if /@example/\n/^a@example$/ b\nendif\n", "!/^a@b$/ c\n"):
+        assert regexp_literals(table) is None, table
+
+
+def test_parse_login_defs() -> None:
+    assert parse_login_defs(fixture("login.defs.debian12")) == (1000, 60000)
+    assert parse_login_defs(fixture("login.defs.centos6")) == (500, 60000)
+    assert parse_login_defs("#UID_MIN 500\nSUB_UID_MIN 100000\n") is None
+    assert parse_login_defs("UID_MIN 2000\n") == (2000, 59999)
+    assert parse_login_defs("UID_MIN 5000\nUID_MAX 4000\n") is None
+
+
+def test_parse_passwd_takes_the_uid_range() -> None:
+    centos = fixture("getent-passwd.centos6.txt")
+    assert set(parse_passwd(centos)) == set()  # the default range starts at 1000
+    assert set(parse_passwd(centos, (500, 60000))) == {"suga", "tanaka", "sato", "scanner"}
+    accounts = parse_accounts(centos)
+    assert accounts["root"] == ("/root", 0)
+    assert accounts["saslauth"].uid == 499
+    assert accounts["suga"] == ("/home/suga", 500)
+    assert "pc01$" not in parse_accounts(fixture("getent-passwd.txt"))
+
+
+def test_forward_keys_and_partial_forwards() -> None:
+    names = ("mail.example.co.jp", "example.co.jp", "localhost")
+    keys = forward_keys("suga", "example.co.jp", names)
+    assert keys == ["suga@example.co.jp", "suga@mail.example.co.jp", "suga@localhost"]
+    relay = "smtp:[rental]:25"
+    transport = dict.fromkeys(keys, relay)
+    recipients = dict.fromkeys(keys, "OK")
+    virtual = {k: "suga@example.co.jp" for k in keys[1:]}
+
+    def partial(transport: dict[str, str] = transport,
+                recipients: dict[str, str] = recipients,
+                virtual: dict[str, str] = virtual, rewriting: bool = True) -> frozenset[str]:
+        return partial_forwards({"suga": relay}, domain="example.co.jp", names=names,
+                                transport=transport, recipients=recipients, virtual=virtual,
+                                rewriting=rewriting)
+
+    assert partial() == frozenset()
+    assert partial(rewriting=False) == {"suga"}  # main.cf does not name mailrec_virtual
+    assert partial(transport={**transport, "suga@localhost": "smtp:[old]:25"}) == {"suga"}
+    assert partial(recipients={k: v for k, v in recipients.items() if "localhost" not in k}
+                   ) == {"suga"}
+    assert partial(virtual={}) == {"suga"}
+    assert partial_forwards({"suga": relay}, domain="example.co.jp", names=("example.co.jp",),
+                            transport={}, recipients={}, virtual={}, rewriting=False
+                            ) == frozenset()  # nothing but the domain: nothing to miss
+
+
+def test_fallback_points_at_the_rental() -> None:
+    assert nexthop("smtp:[127.0.0.3]:2525") == ("127.0.0.3", 2525)
+    assert nexthop("relay:Example.Sakura.ne.jp.") == ("example.sakura.ne.jp", 25)
+    assert nexthop("smtp:[2001:db8::1]:25") == ("2001:db8::1", 25)
+    assert nexthop("smtp") is None and nexthop("smtp:[x:25") is None
+    rental = ("example.sakura.ne.jp", "mx.example.sakura.ne.jp.")
+    assert points_at_rental("fallback_transport", "smtp:[example.sakura.ne.jp]", rental)
+    assert points_at_rental("fallback_transport", "relay:[Example.Sakura.ne.jp]:587", rental)
+    assert points_at_rental("fallback_transport", "smtp:mx.example.sakura.ne.jp", rental)
+    assert not points_at_rental("fallback_transport", "smtp:[relay.example.net]", rental)
+    assert not points_at_rental("fallback_transport", "smtp", rental)
+    assert points_at_rental("luser_relay", "$user@example.sakura.ne.jp", rental)
+    assert points_at_rental("luser_relay", "$local@[127.0.0.3]", "127.0.0.3")  # one host
+    assert not points_at_rental("luser_relay", "admin", rental)
+    assert not points_at_rental("luser_relay", "$user@example.sakura.ne.jp.evil", rental)
+
+
+SEED_STYLE = (
+    "luser_relay = $user@example.sakura.ne.jp\n"
+    "fallback_transport = smtp:[example.sakura.ne.jp]:25\n"
+    "virtual_alias_maps = hash:/etc/postfix/virtual, $alias_maps\n"
+    "recipient_delimiter = ${undefined_param}+\n"
+)
+
+
+@pytest.mark.parametrize(("sample", "extra"), [
+    ("postconf-n.debian12.txt", ""), ("postconf-n.centos6.txt", ""),
+    ("postconf-n.centos6.txt", SEED_STYLE), ("main.cf", "")])
+def test_expand_params_agrees_with_postconf_x(sample: str, extra: str, tmp_path: Path) -> None:
+    """CentOS 6's Postfix 2.6 has no `postconf -x`: mailrec then expands the whole `postconf`
+    output itself, and must get what -x gives."""
+    expanded = postconf_x(tmp_path, fixture(sample) + extra, *SPACE_PARAMS)
+    tool = postfix_tool("postconf")
+    assert tool is not None
+    every = subprocess.run([tool, "-c", str(tmp_path)], capture_output=True, text=True,
+                           check=True).stdout
+    assert expand_params(parse_main_cf(every), SPACE_PARAMS) == expanded
+
+
+def test_expand_params_forms() -> None:
+    params = {"a": "A", "b": "$a-${a}-$(a)", "empty": "", "loop": "$loop",
+              "set": "${a?yes}${empty?no}", "unset": "${a:no}${empty:yes}"}
+    assert expand_params(params, ["b", "set", "unset", "missing"]) == {
+        "b": "A-A-A", "set": "yes", "unset": "yes", "missing": ""}
+    assert expand_params({"x": "$unknown y"}, ["x"]) == {"x": " y"}  # as postconf -x
+    # local(8) fills these in at delivery; postconf -x keeps them too.
+    assert expand_params({"luser_relay": "$user@[127.0.0.3]"}, ["luser_relay"]) == {
+        "luser_relay": "$user@[127.0.0.3]"}
+    assert "$loop" in expand_params(params, ["loop"])["loop"]  # stops, does not hang

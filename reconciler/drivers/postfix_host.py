@@ -5,65 +5,130 @@ Where it sits: the onprem driver of a real installation (`drivers/backend.py` bu
 of `drivers/postfix.py` and give the same `PostfixFacts`, so the planner cannot tell them
 apart.
 
-Observation is a constant number of commands, whatever the number of users (DESIGN.md 2):
+Observation is a constant number of commands, whatever the number of users or aliases
+(DESIGN.md 2); only the number of tables main.cf names changes it:
   find DIR -maxdepth 1 -name 'mailrec_*'     which managed files exist
-  postconf -c DIR local_recipient_maps transport_maps
+  postconf -c DIR -x SPACE_PARAMS...         one call, $parameters expanded (no -x before
+                                             Postfix 2.10: all of `postconf`, expanded here)
   getent passwd
-  postmap -c DIR -s hash:DIR/mailrec_transport    (skipped while the map does not exist: empty)
+  postmap -c DIR -s hash:DIR/mailrec_transport    (skipped while the map does not exist)
   postmap -c DIR -s hash:DIR/mailrec_recipients   (same)
+  postmap -c DIR -s hash:DIR/mailrec_virtual      (same)
   read DIR/mailrec_removed                   (if it exists)
-  sh -c '{ find ...; } | uniq -c'            one scan of all mailboxes, counted on the host
-  tail -n 5000 LOG                           (+ LOG.1 when LOG shows no mail yet: rotation)
+  read /etc/login.defs                       (unless onprem.uid_range is set)
+  read MYORIGIN_FILE                         (only if myorigin is a path: /etc/mailname)
+  postalias -c DIR -s TYPE:PATH              per alias_maps table    } drivers/postfix_space
+  postmap -c DIR -s TYPE:PATH                per virtual alias table }
+  sh -c '{ find ...; } | uniq -c'            one scan of all mailboxes (people, accounts
+                                             outside the uid range, archived users)
+  sh -c LOG_SCRIPT                           the mail log back to the quiet period's start
   postfix -c DIR status                      (only once retired: is it really stopped?)
 
-Every change follows one discipline: write the map source atomically keeping a `.bak`,
-`postmap` it, change main.cf only with `postconf -e` (after a `.bak` of main.cf), then
-`postfix check` and `postfix reload`. On any failure the previous content of every file the
-change wrote is put back and re-compiled, and a `PostfixError` says what failed and what was
-restored. User names are held to `USER_NAME_RE`, paths to `safe_path`, and every command is
-an argv list that the transport quotes part by part; the one shell script is a constant.
+The forward-path probe (`probe_forward`, once, before the first user is forwarded) adds the
+entry `mailrec-probe@DOMAIN smtp:[rental]:port` under the change discipline, submits one
+message with the null sender (`sendmail -C DIR -f <> -oi -- mailrec-probe@DOMAIN`), reads the
+mail log for its outcome (`grep -F` for its message-id and delivery lines: at most
+len(PROBE_WAITS) looks over ~30 s), deletes a probe still queued (`postsuper -c DIR -d ID`),
+and removes the entry again, whatever happened (see docs/onprem-postfix.md).
+
+Forwarding every name. local(8) delivers for every name of mydestination, so a migrated user
+is forwarded under each: `user@NAME smtp:[rental]:port` (mailrec_transport) and `user@NAME OK`
+(mailrec_recipients) for the domain and every NAME, and `user@NAME user@domain`
+(mailrec_virtual, in virtual_alias_maps) for every NAME but the domain. Real mail proved each
+part necessary (tests/integration/test_onprem_addresses.py, myorigin = $myhostname):
+- aliases(5) `info: suga` and virtual `sales@ -> suga` give bare `suga`, which Postfix
+  completes to suga@$myorigin = suga@mail.example.co.jp. local(8) resolves each alias member
+  as trivial-rewrite does, transport_maps included; a member whose transport is not local(8)
+  is not delivered but forwarded (re-submitted through cleanup). Without the transport entry
+  for suga@mail.example.co.jp, `info` was delivered to the old Maildir (relay=local).
+- The forwarded copy then carries suga@mail.example.co.jp, which the rental (hosting
+  user@domain only) refused: 554 Relay access denied, 501 for suga@localhost: bounces.
+  cleanup applies virtual_alias_maps to forwarded mail too, so mailrec_virtual rewrites it
+  to suga@domain before the transport lookup; smtp_generic_maps is not needed (it would
+  also rewrite every sender address onprem sends out).
+- Direct mail to suga@mail.example.co.jp, suga@localhost, suga+tag@ and SUGA@ takes the same
+  path (table lookups ignore case and try the address without its +extension).
+The rewrite must be live before any other name is forwarded: route_to_rental writes and
+compiles mailrec_virtual, and (the first time) names it in virtual_alias_maps and reloads,
+before it writes the transport entries. (A cleanup process finishes the message in hand with
+the table it had open: a message to user@NAME received while both maps change, and still in
+cleanup after the transport map is compiled, could reach the rental unrewritten. The window
+is the few round trips between the two postmaps, once per user.)
+
+Every change follows the discipline of `postfix_change.PostfixChanges`: map sources written
+atomically with a `.bak` and compiled, main.cf changed only with `postconf -e`/`-X` after a
+`.bak`, then `postfix check` and `postfix reload`; on any failure every file the change wrote
+is put back. User names are held to `USER_NAME_RE`, paths to `safe_path`, and every command
+is an argv list that the transport quotes part by part; the shell scripts are constants.
 
 Every Postfix command names the instance's config directory (`postconf -c DIR`, `postmap -c
-DIR`, `postfix -c DIR`, and so would postqueue/postsuper): without `-c` they read the
-system's /etc/postfix/main.cf, which is another instance on a multi-instance host and does not
-exist at all where Postfix was installed with "No configuration" (`postmap: fatal: open
-/etc/postfix/main.cf`). tests/test_postfix_commands.py holds every driver command to it.
+DIR`, `postalias -c DIR`, `postfix -c DIR`, `postsuper -c DIR`, `sendmail -C DIR`, and so
+would postqueue): without it
+they read the system's /etc/postfix/main.cf, which is another instance on a multi-instance
+host and does not exist at all where Postfix was installed with "No configuration"
+(`postmap: fatal: open /etc/postfix/main.cf`). tests/test_postfix_commands.py holds every
+driver command to it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import email.utils
 import ipaddress
-import posixpath
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Final, Literal, get_args
+from typing import Final
 from zoneinfo import ZoneInfo
 
 from reconciler import clock
 from reconciler.drivers.postfix import (
     RECIPIENT_MAP,
+    SPACE_PARAMS,
     TRANSPORT_MAP,
+    VIRTUAL_MAP,
     PostfixError,
     PostfixFacts,
-    edit_map,
     format_map,
-    parse_main_cf,
+    forward_keys,
+    parse_accounts,
+    parse_domain_list,
     parse_map,
     parse_passwd,
+    partial_forwards,
+    points_at_rental,
     recipient_map_ref,
     relay_target,
     transport_map_ref,
     users_in_map,
-    with_map,
+    virtual_map_ref,
 )
-from reconciler.drivers.postfix_log import LOG_LINES, read_last_mail
+from reconciler.drivers.postfix_change import (
+    DropUser,
+    PostfixChanges,
+    refs,
+)
+from reconciler.drivers.postfix_change import (
+    check_map_list as check_map_list,  # re-exported: tests and callers use it from here
+)
+from reconciler.drivers.postfix_log import (
+    ProbeOutcome,
+    probe_log_argv,
+    probe_outcome,
+    read_last_mail,
+)
 from reconciler.drivers.postfix_mailbox import MailboxSpec, count_mailboxes
+from reconciler.drivers.postfix_space import (
+    POSTFIX_PROGRAMS as POSTFIX_PROGRAMS,  # re-exported: tests hold every command to it
+)
+from reconciler.drivers.postfix_space import (
+    SpaceReader,
+    mailbox_homes,
+)
 from reconciler.model import USER_NAME_RE, Onprem
 from reconciler.transport import (
-    CommandResult,
     Transport,
     TransportError,
     UnsafePathError,
@@ -73,25 +138,18 @@ from reconciler.transport import (
 REMOVED_LIST: Final = "mailrec_removed"  # users whose onprem mailbox mailrec archived
 RETIRED_MARKER: Final = "mailrec_retired"  # written by retire(), before Postfix is stopped
 ARCHIVE_INFIX: Final = ".mailrec-removed-"  # Maildir -> Maildir.mailrec-removed-<UTC time>
-# Characters of a main.cf map list mailrec may write with `postconf -e`: map types, paths,
-# $parameters, commas and spaces. Never a newline, quote, backslash or '#'.
-_MAP_LIST_RE: Final = re.compile(r"^[A-Za-z0-9_$:/.,{}=@+ -]*$")
 _HOSTNAME_RE: Final = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
-# The Postfix programs mailrec runs; each reads main.cf, so each gets `-c config_dir`.
-PostfixProgram = Literal["postconf", "postmap", "postfix", "postqueue", "postsuper"]
-POSTFIX_PROGRAMS: Final = frozenset(get_args(PostfixProgram))
+# What a seed-style half migration used to hand unknown local names to the rental.
+FALLBACK_PARAMS: Final = ("fallback_transport", "luser_relay")
+PROBE_LOCAL_PART: Final = "mailrec-probe"  # probe_forward's address: mailrec-probe@DOMAIN
+# Seconds before each look at the mail log for the probe's outcome (~30 s in all).
+PROBE_WAITS: Final = (1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 7.0)
+_QUEUE_ID_RE: Final = re.compile(r"^[0-9A-Za-z]{5,32}$")
 
 
 def managed_files(listing: str) -> frozenset[str]:
     """Names printed by `find DIR -maxdepth 1 -name 'mailrec_*' -printf '%f\\n'`."""
     return frozenset(line.strip() for line in listing.splitlines() if line.strip())
-
-
-def check_map_list(name: str, value: str) -> str:
-    """A main.cf map list mailrec is about to write: nothing postconf -e could misread."""
-    if not _MAP_LIST_RE.match(value):
-        raise PostfixError(f"refusing to write {name} = {value!r}: unexpected characters")
-    return value
 
 
 def check_relay(smtp_host: str, port: int) -> str:
@@ -116,21 +174,12 @@ def check_user(user: str) -> str:
 # --- the driver -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Saved:
-    """A file as it was before a change wrote it (None: it did not exist)."""
-
-    path: str
-    content: bytes | None
-    compiled: bool  # a map source: re-run postmap after putting it back
-
-
-class PostfixHost:
+class PostfixHost(PostfixChanges):
     """The onprem Postfix behind `transport`; same methods and facts as `LabOnprem`."""
 
     def __init__(
         self, transport: Transport, domain: str, onprem: Onprem, *,
-        quiet_period: timedelta = timedelta(hours=48), log_lines: int = LOG_LINES,
+        quiet_period: timedelta = timedelta(hours=48),
     ) -> None:
         self.transport = transport
         self.domain = domain.lower()
@@ -142,33 +191,14 @@ class PostfixHost:
         self.mailbox = MailboxSpec.parse(onprem.mailbox)
         self.log_zone = ZoneInfo(onprem.log_timezone)
         self.uid_range = onprem.uid_range  # None: the host's /etc/login.defs says
-        # The log is read back to the start of the quiet period (MR010), and a little more.
+        # The log is read back to the start of the quiet period (MR010).
         self.quiet_period = quiet_period
-        self.log_lines = log_lines
+        self.sleep: Callable[[float], None] = time.sleep  # between looks at the log (probe)
 
     def __repr__(self) -> str:
         return f"<PostfixHost {self.transport.host} {self.config_dir}>"
 
     # --- small helpers -------------------------------------------------------------------
-    def _path(self, name: str) -> str:
-        return safe_path(f"{self.config_dir}/{name}")
-
-    def _command(self, program: PostfixProgram, *args: str) -> list[str]:
-        """A Postfix command of this instance: `-c DIR` right after the program, always."""
-        return [program, "-c", self.config_dir, *args]
-
-    def _run(self, what: str, argv: list[str]) -> CommandResult:
-        try:
-            return self.transport.run(argv)
-        except TransportError as exc:
-            raise PostfixError(f"{what}: {exc}") from exc
-
-    def _postconf(self, names: Iterable[str]) -> dict[str, str]:
-        listed = list(names)
-        result = self._run("postconf", self._command("postconf", *listed))
-        values = parse_main_cf(result.text)
-        return {name: values.get(name, "") for name in listed}
-
     def _managed(self) -> frozenset[str]:
         result = self._run(
             f"list {self.config_dir}",
@@ -189,43 +219,66 @@ class PostfixHost:
         data = self.transport.read_file(self._path(REMOVED_LIST))
         return parse_map(data.decode("utf-8", "replace")) if data else {}
 
-    def _homes(self, text: str) -> dict[str, str]:
-        return {user: str(home) for user, home in parse_passwd(text).items()}
+    def _reader(self) -> SpaceReader:
+        return SpaceReader(self.transport, self.config_dir)
 
     def _count(self, homes: Mapping[str, str]) -> dict[str, int]:
         return count_mailboxes(self.transport, self.mailbox, homes)
 
+    def _local_names(self) -> tuple[str, ...]:
+        """Every name local(8) delivers for (mydestination expanded), read at change time."""
+        value = self._postconf(["mydestination"], expand=True)["mydestination"]
+        return parse_domain_list(value)[0]
+
     # --- observe -------------------------------------------------------------------------
     def observe(self, now: datetime) -> PostfixFacts:
         present = self._managed()
-        params = self._postconf(["local_recipient_maps", "transport_maps"])
+        params = self._postconf(SPACE_PARAMS, expand=True)
         passwd = self._run("getent passwd", ["getent", "passwd"]).text
         transport = self._dump_map(TRANSPORT_MAP, present)
         recipients = self._dump_map(RECIPIENT_MAP, present)
+        virtual = self._dump_map(VIRTUAL_MAP, present)
         removed = self._removed(present)
+        reader = self._reader()
+        uid_range = reader.uid_range(self.uid_range)
+        own_virtual = virtual_map_ref(self.config_dir)
+        space = reader.read(params, self.domain, uid_range=uid_range, own_tables={own_virtual})
         # An archived mailbox's account still exists (see remove_mailbox); to mailrec it has
-        # no onprem mailbox any more.
-        homes = {u: h for u, h in self._homes(passwd).items() if u not in removed}
-        accounts = self._count(homes)
+        # no onprem mailbox any more, but its mailbox location is counted again: mail there
+        # means local delivery recreated it (stray mail). One scan counts all three groups.
+        homes = mailbox_homes(parse_accounts(passwd), uid_range, removed, self.mailbox)
+        counts = self._count(homes.all())
+        space = replace(
+            space,
+            other_accounts={n: counts[n] for n in homes.others if counts.get(n)},
+            stray_mail={n: counts[n] for n in homes.strays if counts.get(n)},
+        )
+        # Entries only route mail while transport_maps names the map.
+        forwarded = (
+            users_in_map(transport, self.domain)
+            if transport_map_ref(self.config_dir) in refs(params["transport_maps"])
+            else {}
+        )
         retired = RETIRED_MARKER in present and not self._running()
         return PostfixFacts(
-            accounts=accounts,
-            # Entries only route mail while transport_maps names the map.
-            transport=(
-                users_in_map(transport, self.domain)
-                if transport_map_ref(self.config_dir) in _refs(params["transport_maps"])
-                else {}
-            ),
+            accounts={n: counts.get(n, 0) for n in homes.people},
+            transport=forwarded,
             recipients=users_in_map(recipients, self.domain),
             recipient_validation=self._validates(params["local_recipient_maps"]),
             last_mail_at=self._last_mail(now),
             retired=retired,
+            space=space,
+            partial_forward=partial_forwards(
+                forwarded, domain=self.domain, names=space.local_domains,
+                transport=transport, recipients=recipients, virtual=virtual,
+                rewriting=own_virtual in refs(params["virtual_alias_maps"]),
+            ),
         )
 
     def _validates(self, value: str) -> bool:
         # An empty local_recipient_maps makes smtpd accept every local address (unknown ones
         # bounce later): nothing is answered 550, so MR007 holds without mailrec's map.
-        return not value.strip() or recipient_map_ref(self.config_dir) in _refs(value)
+        return not value.strip() or recipient_map_ref(self.config_dir) in refs(value)
 
     def _running(self) -> bool:
         try:
@@ -236,21 +289,148 @@ class PostfixHost:
 
     def _last_mail(self, now: datetime) -> datetime | None:
         return read_last_mail(self.transport, self.log_file, now=now,
-                              since=now - self.quiet_period, tz=self.log_zone,
-                              lines=self.log_lines)
+                              since=now - self.quiet_period, tz=self.log_zone)
+
+    # --- the forward-path probe ----------------------------------------------------------
+    def probe_forward(self, smtp_host: str, port: int) -> str:
+        """Prove the path forwarded mail will take: one message, through this Postfix, by
+        the very transport `route_to_rental` writes (`smtp:[host]:port`, which bypasses any
+        relayhost). The rental's SMTP answer, accepted or 5xx (the probe address need not
+        exist there), proves it; a deferral (no connection, a 4xx) or no delivery attempt
+        within ~30 s is a PostfixError. The probe entry is removed at the end whatever
+        happens; a probe still queued is deleted. Returns what was proven, in one line."""
+        target = check_relay(smtp_host, port)
+        probe = f"{PROBE_LOCAL_PART}@{self.domain}"
+        token = f"{clock.wall():%Y%m%dT%H%M%SZ}.{secrets.token_hex(6)}"
+        message_id = f"{PROBE_LOCAL_PART}.{token}@{self.domain}"
+        with self._change(f"add the probe entry {probe} {target}") as change:
+            self._edit_map(TRANSPORT_MAP, change, {probe: target})
+            # Entries route mail only while main.cf names the map (kept named afterwards, as
+            # enable_recipient_map names it anyway).
+            self._reference(change, {"transport_maps": transport_map_ref(self.config_dir)})
+        try:
+            proven = self._send_probe(probe, target, token, message_id, port)
+        except BaseException as exc:
+            self._drop_probe_entry(probe, after=exc)
+            raise
+        self._drop_probe_entry(probe)
+        return proven
+
+    def _send_probe(self, probe: str, target: str, token: str, message_id: str,
+                    port: int) -> str:
+        message = (
+            f"From: mailrec <{probe}>\n"
+            f"To: <{probe}>\n"
+            f"Subject: mailrec forward-path probe {token}\n"
+            f"Message-ID: <{message_id}>\n"
+            f"Date: {email.utils.format_datetime(clock.wall())}\n"
+            "Auto-Submitted: auto-generated\n"
+            "\n"
+            f"mailrec sent this probe from the onprem Postfix by {target}, the transport\n"
+            "migrated users' mail will be forwarded by. A refusal proves the path as well\n"
+            "as a delivery; nothing needs to be done with it.\n"
+        )
+        self._run(f"submit the probe to {probe}",
+                  self._command("sendmail", "-f", "<>", "-oi", "--", probe),
+                  input=message.encode())
+        outcome = ProbeOutcome()
+        for wait in PROBE_WAITS:
+            self.sleep(wait)
+            outcome = self._probe_outcome(message_id, probe)
+            if outcome.status is not None:
+                break
+        if outcome.proves_path(port):
+            return (f"a probe from onprem to <{probe}> by {target} reached the rental: "
+                    f"status={outcome.status}, relay={outcome.relay} "
+                    f"({outcome.reason[:200]})")
+        waited = sum(PROBE_WAITS)
+        if outcome.status is None:
+            seen = (f"no delivery attempt of the probe {outcome.queue_id} was logged within "
+                    f"{waited:.0f} s (a firewall that drops the connection makes it time out)"
+                    if outcome.queue_id else
+                    f"the probe did not show up in the mail log {self.log_file} within "
+                    f"{waited:.0f} s (is pickup running, is the log the right file?)")
+        else:
+            seen = (f"the probe {outcome.queue_id} was {outcome.status}, relay="
+                    f"{outcome.relay or '?'} ({self.transport.mask(outcome.reason)[:300]})")
+        if outcome.queue_id and outcome.status in (None, "deferred"):
+            seen += self._delete_probe(outcome.queue_id)
+        raise PostfixError(
+            f"{self.transport.host}: the path onprem -> rental does not work: {seen}. Mail "
+            f"forwarded by {target} would wait in onprem's queue until it bounces: open "
+            f"tcp/{port} from this host to the rental (firewall, router), "
+            "or, if this network requires a relayhost, route through it first (transport "
+            "entries smtp:[host]:port bypass relayhost)"
+        )
+
+    def _probe_outcome(self, message_id: str, probe: str) -> ProbeOutcome:
+        """One look at the mail log (one command)."""
+        try:
+            argv = probe_log_argv(self.log_file, message_id, probe)
+            result = self.transport.run(argv, check=False)
+        except (TransportError, UnsafePathError) as exc:
+            raise PostfixError(f"read the mail log {self.log_file}: {exc}") from exc
+        if result.exit_status > 1:  # 1: no line yet
+            detail = self.transport.mask(result.stderr.decode("utf-8", "replace").strip())
+            raise PostfixError(f"cannot read the mail log {self.log_file} (set "
+                               f"onprem.log_file to where this host logs Postfix): "
+                               f"{detail[-300:]}")
+        return probe_outcome(result.text, message_id, probe)
+
+    def _delete_probe(self, queue_id: str) -> str:
+        """Take a probe that would retry out of the queue; a note for the error."""
+        if not _QUEUE_ID_RE.match(queue_id):
+            return f"; queue id {queue_id!r} not deleted (unexpected form)"
+        argv = self._command("postsuper", "-d", queue_id)
+        try:
+            result = self.transport.run(argv, check=False)
+        except TransportError as exc:
+            return f"; deleting it from the queue failed: {exc}"
+        if not result.ok:
+            detail = self.transport.mask(result.stderr.decode("utf-8", "replace").strip())
+            return (f"; postsuper -c {self.config_dir} -d {queue_id} exited "
+                    f"{result.exit_status}: {detail[-200:]}")
+        return f"; deleted from the queue (postsuper -d {queue_id})"
+
+    def _drop_probe_entry(self, probe: str, *, after: BaseException | None = None) -> None:
+        """Remove the probe's transport entry (under the change discipline). After a failed
+        probe, a failure here is told together with the probe's."""
+        try:
+            with self._change(f"remove the probe entry {probe}") as change:
+                self._edit_map(TRANSPORT_MAP, change, {probe: None})
+        except PostfixError as exc:
+            if after is None:
+                raise
+            raise PostfixError(f"{after}; and removing the probe entry failed too: {exc} "
+                               f"(remove {probe} from {self._path(TRANSPORT_MAP)} and run "
+                               "postmap)") from after
 
     # --- changes -------------------------------------------------------------------------
     def route_to_rental(self, user: str, smtp_host: str, port: int) -> None:
-        key = f"{check_user(user)}@{self.domain}"
+        """Forward every name of the user: user@NAME for the domain and each name of
+        mydestination (see the module docstring for why each map is needed)."""
+        check_user(user)
         target = check_relay(smtp_host, port)
-        with self._change(f"route {user} to the rental") as saved:
-            # Accept first, then forward: at no moment is a forwarded user answered 550.
-            self._edit_map(RECIPIENT_MAP, saved, {key: "OK"})
-            self._edit_map(TRANSPORT_MAP, saved, {key: target})
-            self._reference(saved, {"transport_maps": transport_map_ref(self.config_dir)})
+        home = f"{user}@{self.domain}"
+        with self._change(f"route {user} to the rental") as change:
+            keys = forward_keys(user, self.domain, self._local_names())
+            rewrites: dict[str, str | None] = {key: home for key in keys if key != home}
+            # Accept first, then rewrite, then forward: at no moment is a forwarded name
+            # answered 550, or handed to a rental that does not know it.
+            self._edit_map(RECIPIENT_MAP, change, dict.fromkeys(keys, "OK"))
+            if rewrites or VIRTUAL_MAP in self._managed():
+                self._edit_map(VIRTUAL_MAP, change, rewrites)
+            if rewrites and self._reference(
+                change, {"virtual_alias_maps": virtual_map_ref(self.config_dir)}
+            ):
+                # Running daemons must rewrite before any other name is forwarded.
+                self._check_and_reload()
+                change.reloaded = True
+            self._edit_map(TRANSPORT_MAP, change, dict.fromkeys(keys, target))
+            self._reference(change, {"transport_maps": transport_map_ref(self.config_dir)})
 
     def route_to_onprem(self, user: str) -> None:
-        key = f"{check_user(user)}@{self.domain}"
+        check_user(user)
         if user in self._removed():
             # Local delivery would start a fresh Maildir that observe does not count (the
             # user is on the removed list): mail nobody reads. Restore the mailbox first.
@@ -259,21 +439,54 @@ class PostfixHost:
                 f"the {ARCHIVE_INFIX}* directory back, remove {user} from "
                 f"{self._path(REMOVED_LIST)}), then route it back"
             )
-        with self._change(f"route {user} back to onprem") as saved:
-            # Stop forwarding first, then stop accepting without an account.
-            self._edit_map(TRANSPORT_MAP, saved, {key: None})
-            self._edit_map(RECIPIENT_MAP, saved, {key: None})
+        with self._change(f"route {user} back to onprem") as change:
+            # Every form of the user (user@ANY: names since dropped from mydestination too).
+            # Stop forwarding first, then stop rewriting, then stop accepting.
+            self._edit_map(TRANSPORT_MAP, change, DropUser(user))
+            if VIRTUAL_MAP in self._managed():
+                self._edit_map(VIRTUAL_MAP, change, DropUser(user))
+            self._edit_map(RECIPIENT_MAP, change, DropUser(user))
 
     def enable_recipient_map(self) -> None:
-        with self._change("enable mailrec's recipient map") as saved:
-            # Both tables must exist (compiled) before main.cf names them, or every lookup
+        with self._change("enable mailrec's maps") as change:
+            # Every table must exist (compiled) before main.cf names it, or every lookup
             # fails and Postfix defers all mail.
-            self._edit_map(RECIPIENT_MAP, saved, {})
-            self._edit_map(TRANSPORT_MAP, saved, {})
-            self._reference(saved, {
+            self._edit_map(RECIPIENT_MAP, change, {})
+            self._edit_map(VIRTUAL_MAP, change, {})
+            self._edit_map(TRANSPORT_MAP, change, {})
+            self._reference(change, {
                 "local_recipient_maps": recipient_map_ref(self.config_dir),
+                "virtual_alias_maps": virtual_map_ref(self.config_dir),
                 "transport_maps": transport_map_ref(self.config_dir),
             })
+
+    def remove_fallback(self, *rental_hosts: str) -> tuple[str, ...]:
+        """Undo a seed-style half migration: `fallback_transport` / `luser_relay` that hand
+        every name without an account to the rental (`rental_hosts`: its smtp_host and MX
+        host, e.g. `remove_fallback(rental.smtp_host, rental.mx_host)`).
+
+        Only a parameter that points at the rental is removed (`postconf -X`, under the
+        change discipline); one that points elsewhere is the admin's and stays. Returns the
+        names removed. Mail to a name with no account and no entry of its own bounces
+        afterwards (local: unknown user): forward every user who receives at the rental
+        through mailrec (inbound/USER) first.
+        """
+        if not rental_hosts:
+            raise PostfixError("remove_fallback: name the rental's hosts")
+        for host in rental_hosts:
+            check_relay(host.rstrip("."), 25)
+        current = self._postconf(FALLBACK_PARAMS, expand=True)
+        remove = tuple(name for name in FALLBACK_PARAMS
+                       if current[name] and points_at_rental(name, current[name], rental_hosts))
+        if not remove:
+            return ()
+        with self._change(f"remove {' and '.join(remove)}") as change:
+            self._backup_main_cf(change)
+            self._run("postconf -X", self._command("postconf", "-X", *remove))
+            left = {k: v for k, v in self._postconf(remove, expand=True).items() if v}
+            if left:
+                raise PostfixError(f"main.cf still reads {left} after postconf -X")
+        return remove
 
     def remove_mailbox(self, user: str) -> None:
         """Archive the drained mailbox; the Unix account stays (see docs/onprem-postfix.md).
@@ -294,14 +507,28 @@ class PostfixHost:
             return
         if not found.ok:
             raise PostfixError(f"getent passwd {user} exited {found.exit_status}")
-        homes = self._homes(found.text)
+        homes = {name: str(home) for name, home in parse_passwd(
+            found.text, self._reader().uid_range(self.uid_range)).items()}
         if user not in homes:
             return  # not a mail user (system uid range): nothing mailrec counts
-        forwarded = users_in_map(self._dump_map(TRANSPORT_MAP, present), self.domain)
+        transport = self._dump_map(TRANSPORT_MAP, present)
+        forwarded = users_in_map(transport, self.domain)
         if user not in forwarded:
             raise PostfixError(
                 f"{user} is not forwarded to the rental: archiving the onprem mailbox now "
                 f"would hide the mail still delivered there (route inbound/{user} first)"
+            )
+        maps = self._postconf(["virtual_alias_maps"], expand=True)["virtual_alias_maps"]
+        if partial_forwards(
+            {user: forwarded[user]}, domain=self.domain, names=self._local_names(),
+            transport=transport, recipients=self._dump_map(RECIPIENT_MAP, present),
+            virtual=self._dump_map(VIRTUAL_MAP, present),
+            rewriting=virtual_map_ref(self.config_dir) in refs(maps),
+        ):
+            raise PostfixError(
+                f"{user} is forwarded as {user}@{self.domain} but not under every name this "
+                "host delivers for (mydestination): mail to the others would land in a new "
+                f"mailbox nobody reads (route inbound/{user} again first)"
             )
         held = self._count({user: homes[user]})[user]
         if held:
@@ -356,105 +583,3 @@ class PostfixHost:
         if self._running():
             self._run("postfix stop", self._command("postfix", "stop"))
 
-    # --- the change discipline -----------------------------------------------------------
-    def _write(self, name: str, data: bytes, *, backup: bool) -> None:
-        try:
-            self.transport.write_file_atomic(self._path(name), data, backup=backup)
-        except TransportError as exc:
-            raise PostfixError(f"write {name}: {exc}") from exc
-
-    def _postmap(self, path: str) -> None:
-        self._run(f"postmap {path}", self._command("postmap", f"hash:{path}"))
-
-    def _edit_map(
-        self, name: str, saved: list[_Saved], changes: Mapping[str, str | None]
-    ) -> None:
-        """Rewrite one managed map with `changes` (None removes a key) and compile it."""
-        path = self._path(name)
-        old = self.transport.read_file(path)
-        text = edit_map(old.decode("utf-8", "replace") if old else "", changes, name)
-        saved.append(_Saved(path, old, compiled=True))
-        # Written and compiled even when unchanged: a source someone edited without running
-        # postmap would otherwise keep disagreeing with the table Postfix reads.
-        self.transport.write_file_atomic(path, text.encode())
-        self._postmap(path)
-
-    def _reference(self, saved: list[_Saved], wanted: Mapping[str, str]) -> None:
-        """Make main.cf's map lists name mailrec's maps (postconf -e), if they do not."""
-        current = self._postconf(wanted)
-        changes: dict[str, str] = {}
-        for name, ref in wanted.items():
-            value = current[name]
-            if name == "local_recipient_maps" and not value.strip():
-                continue  # accepts every address already (see _validates)
-            new = with_map(value, ref)
-            if new != value:
-                changes[name] = check_map_list(name, new)
-        if not changes:
-            return
-        main_cf = self._path("main.cf")
-        old = self.transport.read_file(main_cf)
-        if old is None:
-            raise PostfixError(f"{main_cf} does not exist")
-        self.transport.write_file_atomic(main_cf + ".bak", old, backup=False)
-        saved.append(_Saved(main_cf, old, compiled=False))
-        self._run(
-            "postconf -e",
-            self._command("postconf", "-e", *(f"{k}={v}" for k, v in changes.items())),
-        )
-        written = self._postconf(changes)
-        if written != changes:
-            raise PostfixError(f"main.cf reads back {written}, expected {changes}")
-
-    def _check_and_reload(self) -> None:
-        for action in ("check", "reload"):
-            result = self.transport.run(self._command("postfix", action), check=False)
-            if not result.ok:
-                detail = self.transport.mask(result.stderr.decode("utf-8", "replace").strip())
-                raise PostfixError(
-                    f"postfix -c {self.config_dir} {action} exited {result.exit_status}: "
-                    + (detail[-400:] or f"no output; see the mail log {self.log_file}")
-                )
-
-    @contextlib.contextmanager
-    def _change(self, what: str) -> Iterator[list[_Saved]]:
-        saved: list[_Saved] = []
-        try:
-            yield saved
-            self._check_and_reload()
-        except (TransportError, PostfixError, UnsafePathError) as exc:
-            problems = self._restore(saved)
-            restored = ", ".join(dict.fromkeys(s.path for s in saved)) or "nothing written"
-            note = (
-                f"; restoring failed too: {'; '.join(problems)}" if problems
-                else f"; restored: {restored}"
-            )
-            raise PostfixError(f"{self.transport.host}: {what} failed: {exc}{note}") from exc
-
-    def _restore(self, saved: list[_Saved]) -> list[str]:
-        """Put back every file a failed change wrote, newest first; returns what failed."""
-        problems: list[str] = []
-        done: set[str] = set()
-        for item in reversed(saved):
-            if item.path in done:
-                continue
-            done.add(item.path)
-            # A file written twice is restored once, to its content before the change.
-            first = next(s for s in saved if s.path == item.path)
-            try:
-                if first.content is None:
-                    # A new map is left empty rather than deleted: main.cf may name it.
-                    name = posixpath.basename(item.path)
-                    data = format_map({}, name).encode()
-                else:
-                    data = first.content
-                self.transport.write_file_atomic(item.path, data, backup=False)
-                if item.compiled:
-                    self._postmap(item.path)
-            except (TransportError, PostfixError) as exc:
-                problems.append(f"{item.path}: {exc}")
-        return problems
-
-
-def _refs(value: str) -> list[str]:
-    return value.replace(",", " ").split()

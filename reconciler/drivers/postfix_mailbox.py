@@ -1,8 +1,13 @@
 """Onprem mailboxes on a real host: where each user's mailbox is (`onprem.mailbox`), and the
 one command that counts the mail in all of them (DESIGN.md 2: never one command per user).
 
+Mail is counted wherever a Maildir keeps it: `new/`, `cur/` and every Maildir++ folder's
+(`Maildir/.Archive/cur`, `Maildir/.Sent.2024/new`); dot files and `tmp/` are not messages. An
+mbox holds mail when it is not empty.
+
 Used by `postfix_host.PostfixHost.observe`; pure apart from `count_mailboxes`, which runs the
-scan over a `Transport`.
+scan over a `Transport`, and `count_maildir`, which counts a local Maildir the same way (the
+lab).
 """
 
 from __future__ import annotations
@@ -85,10 +90,13 @@ class MailboxSpec:
         """The one command that counts every listed user's mail, and what its lines mean.
 
         Returns the argv and a map from the path each output line names (a Maildir's
-        new/ or cur/, or an mbox file) to the user it belongs to. The start points are the
-        directories the mailboxes hang off (e.g. /home for ~/Maildir, /var/mail for
-        /var/mail/{user}); `-mindepth`/`-maxdepth` pin the depth, so find reads no deeper
-        than the mailboxes themselves.
+        new/ or cur/, or an mbox file) to the user it belongs to; a Maildir++ folder's
+        new/ or cur/ (`Maildir/.Archive/cur`) is mapped by `parse_scan` through its Maildir.
+        The start points are the directories the mailboxes hang off (e.g. /home for
+        ~/Maildir, /var/mail for /var/mail/{user}); `-mindepth`/`-maxdepth` pin the depth, so
+        find reads no deeper than the messages: a Maildir's `new/*` and `cur/*` at depth D,
+        a folder's `.NAME/new/*` and `.NAME/cur/*` at D + 1 (Maildir++ folders are flat:
+        `.a.b` is one directory). Dot files and tmp/ are not messages.
         """
         owners: dict[str, str] = {}
         starts: set[str] = set()
@@ -111,15 +119,18 @@ class MailboxSpec:
                 owners[location] = user
         last = self.template.rsplit("/", 1)[-1]
         leaf = "*" if "{user}" in last or last == "~" else last
+        deepest = depth
         if self.kind == "maildir":
             depth += 2  # new/ or cur/, then the message file
-            test = ["(", "-path", f"*/{leaf}/new/*", "-o", "-path", f"*/{leaf}/cur/*", ")",
-                    "!", "-name", ".*", "-printf", "%h\\n"]
+            deepest = depth + 1  # .FOLDER/, new/ or cur/, then the message file
+            test = ["(", "-path", f"*/{leaf}/new/*", "-o", "-path", f"*/{leaf}/cur/*",
+                    "-o", "-path", f"*/{leaf}/.*/new/*", "-o", "-path", f"*/{leaf}/.*/cur/*",
+                    ")", "!", "-name", ".*", "-printf", "%h\\n"]
         else:
             test = ["-path", f"*/{leaf}", "-printf", "%s %p\\n"]
         argv = [
             "sh", "-c", SCAN_SCRIPT, "mailrec-scan", *sorted(starts), "--",
-            "-mindepth", str(depth), "-maxdepth", str(depth), "-type", "f", *test,
+            "-mindepth", str(depth), "-maxdepth", str(deepest), "-type", "f", *test,
         ]
         return argv, owners
 
@@ -148,6 +159,8 @@ def parse_scan(output: str, kind: str, owners: Mapping[str, str]) -> dict[str, i
         else:
             amount = int(number)
         user = owners.get(payload)
+        if user is None and kind == "maildir":
+            user = owners.get(_maildir_of_folder(payload))
         if user is not None:
             counts[user] = counts.get(user, 0) + amount
     if status is None:
@@ -157,16 +170,37 @@ def parse_scan(output: str, kind: str, owners: Mapping[str, str]) -> dict[str, i
     return counts
 
 
+def _maildir_of_folder(directory: str) -> str:
+    """`/home/a/Maildir/.Archive/cur` -> `/home/a/Maildir/cur`: the key `owners` has for the
+    Maildir a Maildir++ folder belongs to ("" when `directory` is no folder's new/ or cur/).
+    Only the shape is checked here; the owners map decides whether it is a mailbox."""
+    folder, sub = posixpath.split(directory)
+    maildir, name = posixpath.split(folder)
+    if sub not in ("new", "cur") or not name.startswith(".") or name in (".", ".."):
+        return ""
+    return f"{maildir}/{sub}"
+
+
+def _count_messages(directory: Path) -> int:
+    try:
+        with os.scandir(directory) as entries:
+            return sum(1 for e in entries if e.is_file() and not e.name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
 
 
 def count_maildir(path: Path) -> int:
-    total = 0
-    for sub in ("new", "cur"):
-        try:
-            with os.scandir(path / sub) as entries:
-                total += sum(1 for e in entries if e.is_file() and not e.name.startswith("."))
-        except FileNotFoundError:
-            continue
+    """Messages in a local Maildir, as the scan counts them on a host: the files (not dot
+    files) in `new/` and `cur/`, and in every Maildir++ folder's `.NAME/new/` and
+    `.NAME/cur/`; `tmp/` holds deliveries in progress, not messages."""
+    total = sum(_count_messages(path / sub) for sub in ("new", "cur"))
+    try:
+        with os.scandir(path) as entries:
+            folders = [Path(e.path) for e in entries if e.name.startswith(".") and e.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return total
+    for folder in folders:
+        total += sum(_count_messages(folder / sub) for sub in ("new", "cur"))
     return total
 
 

@@ -17,7 +17,7 @@ import smtplib
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,13 +57,15 @@ class UnixUsers:
     prefix: str = field(default_factory=lambda: "mr" + secrets.token_hex(3))
     names: list[str] = field(default_factory=list)
 
-    def create(self, count: int = 1) -> list[str]:
+    def create(self, count: int = 1, *, uid: int | None = None) -> list[str]:
+        """`count` new accounts with homes; `uid` gives the (one) account that uid."""
         useradd = require_binary("useradd")
         made = []
         for _ in range(count):
             name = f"{self.prefix}{len(self.names):02d}"
+            extra = ["-u", str(uid)] if uid is not None else []
             proc = subprocess.run(
-                [useradd, "-m", "-s", "/usr/sbin/nologin", name],
+                [useradd, "-m", "-s", "/usr/sbin/nologin", *extra, name],
                 capture_output=True, text=True, check=False,
             )
             if proc.returncode != 0:
@@ -120,14 +122,60 @@ class OnpremStack:
     def rental_maildir(self, user: str) -> Path:
         return self.rental_lab.rental_maildirs / user / "new"
 
+    # --- the admin's configuration (tests/integration/test_onprem_addresses.py) ------------
+    def configure(self, settings: Mapping[str, str]) -> None:
+        """`postconf -e` the settings, then `postfix reload`."""
+        self.postfix.run("postconf", "-e", *(f"{k}={v}" for k, v in settings.items()))
+        self.postfix.run("postfix", "reload")
+
+    def write_aliases(self, text: str, name: str = "aliases") -> str:
+        """An aliases(5) table in the config directory, compiled by postalias; its ref."""
+        (self.config_dir / name).write_text(text)
+        ref = f"hash:{self.config_dir / name}"
+        self.postfix.run("postalias", ref)
+        return ref
+
+    def write_virtual(self, text: str, name: str = "virtual") -> str:
+        """A virtual(5) table in the config directory, compiled by postmap; its ref."""
+        (self.config_dir / name).write_text(text)
+        ref = f"hash:{self.config_dir / name}"
+        self.postfix.run("postmap", ref)
+        return ref
+
+    def queue_empty(self) -> bool:
+        out = self.postfix.run("postqueue", "-p").stdout
+        return "Mail queue is empty" in out
+
+    def wait_for_empty_queue(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.queue_empty():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"the onprem queue is not empty:\n"
+                             f"{self.postfix.run('postqueue', '-p').stdout}")
+
+    def log_mark(self) -> int:
+        """Where the mail log ends now: `log_since(mark)` reads what comes after."""
+        return self.postfix.maillog.stat().st_size if self.postfix.maillog.exists() else 0
+
+    def log_since(self, mark: int) -> str:
+        with self.postfix.maillog.open("rb") as log:
+            log.seek(mark)
+            return log.read().decode("utf-8", "replace")
+
     def stop(self) -> None:
         self.rental.stop()
 
 
-def start_onprem_stack(stack: ServiceStack, base: Path) -> OnpremStack:
-    """sshd + Postfix on 127.0.0.2, the lab rental SMTP server on 127.0.0.3 (free ports)."""
+def start_onprem_stack(
+    stack: ServiceStack, base: Path, *, main_cf: Mapping[str, str] | None = None
+) -> OnpremStack:
+    """sshd + Postfix on 127.0.0.2, the lab rental SMTP server on 127.0.0.3 (free ports);
+    `main_cf` adds or overrides main.cf settings."""
     require_root()
-    for tool in ("postconf", "postmap", "useradd", "userdel", "getent", "find", "uniq"):
+    for tool in ("postconf", "postmap", "postalias", "postqueue", "useradd", "userdel", "getent",
+                 "find", "uniq"):
         require_binary(tool)
     ensure_loopback_address(ONPREM_ADDRESS)
     ensure_loopback_address(RENTAL_ADDRESS)
@@ -147,6 +195,7 @@ def start_onprem_stack(stack: ServiceStack, base: Path) -> OnpremStack:
                 "queue_run_delay": "1s",
                 "minimal_backoff_time": "1s",
                 "maximal_backoff_time": "2s",
+                **(main_cf or {}),
             },
         )
     )

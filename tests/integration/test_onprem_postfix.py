@@ -6,8 +6,12 @@ validation) are tested first, without any service. Fixtures: tests/integration/o
 
 from __future__ import annotations
 
+import gzip
+import os
+import pwd
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +25,7 @@ from reconciler.drivers.postfix_host import (
     check_relay,
     managed_files,
 )
+from reconciler.drivers.postfix_log import read_last_mail
 from reconciler.drivers.postfix_mailbox import MailboxSpec, parse_scan
 from reconciler.transport import LocalTransport, Transport
 
@@ -56,8 +61,11 @@ def test_scan_command_for_home_maildirs() -> None:
     starts = argv[4 : argv.index("--")]
     assert starts == ["/home", "/srv/people"]
     expression = argv[argv.index("--") + 1 :]
-    assert expression[:4] == ["-mindepth", "4", "-maxdepth", "4"]
-    assert "*/Maildir/new/*" in expression
+    # Messages in new/ and cur/ at depth 4, in a Maildir++ folder's (.Archive/cur) at 5.
+    assert expression[:4] == ["-mindepth", "4", "-maxdepth", "5"]
+    for pattern in ("*/Maildir/new/*", "*/Maildir/cur/*", "*/Maildir/.*/new/*",
+                    "*/Maildir/.*/cur/*"):
+        assert pattern in expression
     assert owners["/home/suga/Maildir/new"] == "suga"
     assert owners["/srv/people/sato/Maildir/cur"] == "sato"
     # No user name reaches the command: its size does not grow with the users.
@@ -80,6 +88,13 @@ def test_parse_scan_counts_and_status() -> None:
         "      1 mailrec-find-status 0\n"
     )
     assert parse_scan(output, "maildir", owners) == {"a": 9}
+    folders = (
+        "      2 /home/a/Maildir/.Archive/cur\n      1 /home/b/Maildir/.Sent.2024/new\n"
+        "      1 /home/b/Maildir/.a.b/new\n      5 /home/a/Maildir/notafolder/cur\n"
+        "      4 /home/a/Maildir/.Archive/tmp\n      3 /home/zz/Maildir/.Archive/cur\n"
+        "      1 mailrec-find-status 0\n"
+    )
+    assert parse_scan(folders, "maildir", owners) == {"a": 2, "b": 2}
     with pytest.raises(PostfixError, match="exited 1"):
         parse_scan("      2 /home/a/Maildir/new\n      1 mailrec-find-status 1\n", "maildir",
                    owners)
@@ -352,6 +367,80 @@ def test_mbox_mailboxes_count_by_size(onprem: OnpremStack, ssh: Transport) -> No
     assert len(archived) == 1
     assert archived[0].startswith(f"{empty}{ARCHIVE_INFIX}")
     assert empty not in host.observe(now()).accounts
+
+
+@pytest.mark.integration
+def test_mail_only_in_a_maildir_plus_plus_folder_counts_and_blocks_removal(
+    onprem: OnpremStack, host: PostfixHost
+) -> None:
+    (user,) = onprem.users.create(1)
+    maildir = Path(pwd.getpwnam(user).pw_dir) / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (maildir / ".Archive" / sub).mkdir(parents=True)
+    for number in (1, 2):
+        (maildir / ".Archive" / "cur" / f"17000000{number}.M{number}P1.mail:2,S").write_text(
+            f"Subject: kept {number}\n\nx\n")
+    (maildir / ".Archive" / "maildirfolder").write_text("")
+    (maildir / ".Archive" / "tmp" / "17000003.M3P1.mail").write_text("being delivered\n")
+    assert host.observe(now()).accounts[user] == 2
+    host.route_to_rental(user, RENTAL_ADDRESS, onprem.rental.relay_port)
+    with pytest.raises(PostfixError, match=r"MR008: .* holds 2 message"):
+        host.remove_mailbox(user)
+    assert maildir.is_dir()
+    removed = onprem.config_dir / REMOVED_LIST
+    assert not removed.exists() or user not in removed.read_text()
+
+
+@pytest.mark.integration
+def test_the_log_is_read_by_time_over_ssh(ssh: Transport, tmp_path: Path) -> None:
+    """Real files on the host, read with the one script over the real SSH transport: the
+    delivery 30 h ago behind 10,000 rejects; then only in a gzipped rotation."""
+    log = tmp_path / "mail.log"
+    current = datetime.now(UTC).replace(microsecond=0)
+
+    def stamp(when: datetime) -> str:
+        return when.strftime("%b %e %H:%M:%S")
+
+    def rejects(start: datetime, count: int) -> str:
+        return "".join(
+            f"{stamp(start + timedelta(seconds=i))} mail postfix/smtpd[3001]: NOQUEUE: reject: "
+            f"RCPT from unknown[198.51.100.77]: 550 5.1.1 <n{i}@{DOMAIN}>: Recipient address "
+            "rejected: User unknown in local recipient table\n" for i in range(count))
+
+    def delivery(when: datetime) -> str:
+        return (f"{stamp(when)} mail postfix/local[2104]: 3F1A2C: to=<suga@{DOMAIN}>, "
+                "relay=local, delay=0.2, dsn=2.0.0, status=sent (delivered to maildir)\n")
+
+    def written(path: Path, when: datetime) -> None:
+        os.utime(path, (when.timestamp(), when.timestamp()))
+
+    last = current - timedelta(hours=30)
+    log.write_text(delivery(last) + rejects(last + timedelta(seconds=1), 10_000))
+    rotated = log.with_name("mail.log.1.gz")
+    rotated.write_bytes(gzip.compress(delivery(current - timedelta(days=21)).encode()))
+    written(rotated, current - timedelta(days=21))
+
+    def read() -> datetime | None:
+        before = ssh.round_trips
+        seen = read_last_mail(ssh, str(log), now=current, since=current - timedelta(hours=48),
+                              tz=UTC)
+        assert ssh.round_trips == before + 1  # one command
+        return seen
+
+    assert read() == last
+    # The current log shows rejects only (it starts 10 h ago): the mail is in the rotation.
+    log.write_text(rejects(current - timedelta(hours=10), 10_000))
+    rotated.write_bytes(gzip.compress(
+        (delivery(current - timedelta(hours=40)) + rejects(current - timedelta(hours=40), 10)
+         ).encode()))
+    written(rotated, current - timedelta(hours=10))
+    assert read() == current - timedelta(hours=40)
+    # Rotated away: the logs reach back 10 h only; the worst case is returned, never None.
+    rotated.unlink()
+    assert read() == current - timedelta(hours=10)
+    log.unlink()
+    with pytest.raises(PostfixError, match="cannot read the mail log"):
+        read()
 
 
 @pytest.mark.integration
