@@ -26,7 +26,13 @@ from rich.table import Table
 
 from reconciler.apply import build_plan
 from reconciler.drivers.backend import SystemBackend
-from reconciler.drivers.postfix import RECIPIENT_MAP, TRANSPORT_MAP, format_map
+from reconciler.drivers.postfix import (
+    RECIPIENT_MAP,
+    TRANSPORT_MAP,
+    VIRTUAL_MAP,
+    format_map,
+    forward_keys,
+)
 from reconciler.lab.init import init_lab
 from reconciler.lab.layout import LabLayout
 from reconciler.load import load_state, load_texts
@@ -56,16 +62,25 @@ def make_lab(root: Path, n: int) -> tuple[LabLayout, object]:
                 (layout.onprem_home / name / "Maildir" / sub).mkdir(parents=True, exist_ok=True)
     (layout.onprem / "etc" / "passwd").write_text("\n".join(passwd) + "\n")
     relay = "smtp:[example.sakura.ne.jp]:25"
-    (layout.postfix_dir / TRANSPORT_MAP).write_text(
-        format_map({f"{u}@{domain}": relay for u in migrated}, TRANSPORT_MAP))
-    (layout.postfix_dir / RECIPIENT_MAP).write_text(
-        format_map({f"{u}@{domain}": "OK" for u in migrated}, RECIPIENT_MAP))
+    # As mailrec forwards a migrated user: every local name (mydestination) accepted,
+    # rewritten to user@domain and forwarded; and the forward path was probed once.
+    names = ("mail.example.co.jp", "localhost.example.co.jp", "localhost")
+    transport, recipients, virtual = {}, {}, {}
+    for user in migrated:
+        for key in forward_keys(user, domain, names):
+            transport[key], recipients[key] = relay, "OK"
+            if not key.endswith("@" + domain):
+                virtual[key] = f"{user}@{domain}"
+    (layout.postfix_dir / TRANSPORT_MAP).write_text(format_map(transport, TRANSPORT_MAP))
+    (layout.postfix_dir / RECIPIENT_MAP).write_text(format_map(recipients, RECIPIENT_MAP))
+    (layout.postfix_dir / VIRTUAL_MAP).write_text(format_map(virtual, VIRTUAL_MAP))
     main_cf = layout.postfix_dir / "main.cf"
     main_cf.write_text(main_cf.read_text().replace(
         "local_recipient_maps = proxy:unix:passwd.byname $alias_maps",
         "local_recipient_maps = proxy:unix:passwd.byname $alias_maps "
         "hash:/etc/postfix/mailrec_recipients\n"
-        "transport_maps = hash:/etc/postfix/mailrec_transport",
+        "transport_maps = hash:/etc/postfix/mailrec_transport\n"
+        "virtual_alias_maps = hash:/etc/postfix/mailrec_virtual",
     ))
     layout.rental_mailboxes.write_text("".join(f"{u}@{domain}\n" for u in sorted(migrated)))
     for name in migrated:
@@ -82,7 +97,8 @@ def measure(n: int, repeats: int, workdir: Path) -> dict[str, float]:
     backend = SystemBackend(loaded.state, lab=layout)  # type: ignore[attr-defined]
     # The journal has seen the world before the migration began (its baseline): every
     # client still sends through onprem. Without it, each outbound would be unknown.
-    view = JournalView({}, None, None, frozenset(), baseline=True)
+    view = JournalView({}, None, None, frozenset(), baseline=True,
+                       forward_probed=frozenset({"smtp:[example.sakura.ne.jp]:25"}))
     from reconciler import clock
 
     observe_times, plan_times = [], []

@@ -81,14 +81,17 @@ class Demo:
         print(f"# state/mailrec.yaml: {section}.{key} = {value}")
 
     def drain(self, name: str) -> None:
-        """What the user does by hand: fetch the old mailbox over POP until it is empty."""
+        """What the user does by hand: fetch the old mailbox until it is empty (IMAP, so the
+        Maildir++ folders too: `.Archive/cur` holds mail as much as `new/` does)."""
         maildir = self.layout.onprem_home / name / "Maildir"
+        folders = [maildir, *sorted(maildir.glob(".*"))] if maildir.is_dir() else []
         count = 0
-        for sub in ("new", "cur"):
-            for message in (maildir / sub).glob("*") if (maildir / sub).exists() else []:
-                message.unlink()
-                count += 1
-        print(f"# {name} drains the old onprem mailbox over POP ({count} message(s))")
+        for folder in folders:
+            for sub in ("new", "cur"):
+                for message in (folder / sub).glob("*") if (folder / sub).is_dir() else []:
+                    message.unlink()
+                    count += 1
+        print(f"# {name} drains the old onprem mailbox over IMAP ({count} message(s))")
 
     def panel_create(self, name: str) -> None:
         """What the admin does in the rental's control panel (it has no API)."""

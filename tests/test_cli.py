@@ -20,7 +20,8 @@ from reconciler.lab.layout import LabLayout
 from tests.conftest import REPO, run_cli, set_users, tree_digest
 
 EXIT_OK, EXIT_ERROR, EXIT_PENDING, EXIT_REFUSED = 0, 1, 2, 3
-ROUTER_STEPS = {"router/filter/10", "router/route/default"}
+# The router policy, and SPF for the line it sends tcp/25 through (onprem's own mail: MR006).
+ROUTER_STEPS = {"dns/spf", "router/filter/10", "router/route/default"}
 
 
 def plan_json(lab: LabLayout, *args: str) -> tuple[int, dict[str, Any]]:
@@ -147,9 +148,10 @@ def _check_contract(plan: dict[str, Any]) -> None:
 def test_plan_json_has_the_contract_keys(lab: LabLayout) -> None:
     _, fresh = plan_json(lab)
     _check_contract(fresh)
-    assert [s["id"] for s in fresh["steps"]] == ["router/filter/10", "router/route/default"]
+    assert [s["id"] for s in fresh["steps"]] == [
+        "dns/spf", "router/filter/10", "router/route/default"]
     assert [(s["action"], s["status"]) for s in fresh["steps"]] == [
-        ("create", "ready"), ("update", "ready")]
+        ("update", "ready"), ("create", "ready"), ("update", "ready")]
     refuse_outbound(lab)
     _, refused = plan_json(lab)
     _check_contract(refused)

@@ -43,8 +43,11 @@ class Story:
         return {s["id"]: s for s in plan["steps"]}  # type: ignore[index, union-attr]
 
     def drain(self, name: str) -> None:
-        for message in (self.lab.onprem_home / name / "Maildir").glob("*/*"):
-            message.unlink()
+        """Over IMAP: new/, cur/ and the Maildir++ folders' (`.Archive/cur`) alike."""
+        maildir = self.lab.onprem_home / name / "Maildir"
+        for message in [*maildir.glob("*/*"), *maildir.glob(".*/*/*")]:
+            if message.is_file() and message.parent.name in ("new", "cur"):
+                message.unlink()
 
     def set_key(self, section: str, key: str, value: str) -> None:
         path = self.lab.root / "state" / "mailrec.yaml"
@@ -64,10 +67,12 @@ def test_the_story(lab: LabLayout) -> None:
     code, out = story.cli("validate")
     assert code == 0, out
 
-    # Initial: only the router policy is missing; filter strictly before route.
+    # Initial: the router policy is missing (filter strictly before route), and SPF lacks
+    # the address that route sends from.
     code, plan = story.plan_json()
     assert code == 2
-    assert [s["id"] for s in plan["steps"]] == ["router/filter/10", "router/route/default"]
+    assert [s["id"] for s in plan["steps"]] == [
+        "dns/spf", "router/filter/10", "router/route/default"]
     assert story.cli("apply", "--yes")[0] == 0
     config = lab.router_config.read_text()
     assert "ip filter 10 pass * * tcp * smtp" in config
@@ -92,7 +97,13 @@ def test_the_story(lab: LabLayout) -> None:
             assert story.steps(plan)[f"onprem-mailbox/{name}"]["status"] == "gated"
             story.drain(name)
             assert story.cli("apply", "--yes")[0] == 0
-        assert not (lab.onprem_home / name).exists()
+        # Archived as on a real host: the account and its home stay, the drained Maildir
+        # is renamed aside and the user listed.
+        home = lab.onprem_home / name
+        assert home.is_dir() and not (home / "Maildir").exists()
+        assert [p.name.startswith("Maildir.mailrec-removed-") for p in home.iterdir()] == [True]
+        assert f"\n{name}:x:" in (lab.onprem / "etc" / "passwd").read_text()
+        assert name in parse_map((lab.postfix_dir / "mailrec_removed").read_text())
         if name == "suga":
             # Outbound while colleagues still receive onprem: refused, nothing changes.
             set_users(state, suga=("rental", "rental"))

@@ -2,28 +2,34 @@
 (or, by default, the company before the migration: everyone onprem).
 
 Every file is in the real system's format: Postfix main.cf, passwd and map sources, Maildirs
-holding messages, a Postfix mail log, a BIND zone file, an RTX `show config`, and the lab
-rental's mailbox list and whitelist. The state is copied to DIR/state so `--lab DIR` alone
-is enough to plan.
+holding messages (some in a Maildir++ folder, `.Archive`), a Postfix mail log with its
+rotations (`mail.log.1`, `mail.log.2.gz`), a BIND zone file, an RTX `show config`, and the lab
+rental's mailbox list and whitelist. A user already at the rental keeps the Unix account, with
+the Maildir archived as mailrec's `onprem-mailbox/USER` step leaves it. The state is copied
+to DIR/state so `--lab DIR` alone is enough to plan.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import shutil
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from reconciler import clock
+from reconciler.drivers.lab_onprem import LabOnprem
 from reconciler.drivers.postfix import (
     RECIPIENT_MAP,
     TRANSPORT_MAP,
     format_map,
     recipient_map_ref,
-    relay_target,
     transport_map_ref,
 )
+from reconciler.drivers.postfix_host import ARCHIVE_INFIX, REMOVED_LIST
 from reconciler.lab.layout import LAB_MARKER, LAB_MARKER_TEXT, LabLayout
 from reconciler.lab.office import record_history
 from reconciler.load import LoadedState
@@ -68,6 +74,28 @@ def _main_cf(state: DesiredState, migrated: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _aliases(state: DesiredState) -> str:
+    """The onprem host's aliases(5): Debian's default, and the aliases the state moves (as
+    the old server has them: its users by name)."""
+    lines = ["# /etc/aliases of the onprem mail server (lab copy)", "postmaster: root"]
+    for name in sorted(state.aliases):
+        members = state.aliases[name]
+        if isinstance(members, list):
+            lines.append(f"{name}: {', '.join(members)}")
+    return "\n".join(lines) + "\n"
+
+
+def _rental_aliases(state: DesiredState, migrated: bool) -> str:
+    """The rental's aliases: its own postmaster (the provider's contact for the domain), and,
+    in a lab made "as in" the state, the aliases mailrec would have created."""
+    lines = [f"postmaster@{state.domain}: hostmaster@example.net"]
+    for name in sorted(state.aliases) if migrated else ():
+        members = state.alias_members(name)
+        if members and name != "postmaster":
+            lines.append(f"{name}@{state.domain}: {', '.join(members)}")
+    return "".join(line + "\n" for line in lines)
+
+
 def _message(number: int, user: str, domain: str) -> bytes:
     message = EmailMessage()
     message["From"] = f"customer{number}@example.net"
@@ -79,12 +107,40 @@ def _message(number: int, user: str, domain: str) -> bytes:
 
 
 def _write_maildir(maildir: Path, messages: list[bytes]) -> None:
+    """new/, cur/ and tmp/; the third message on is filed in the Maildir++ folder `.Archive`
+    (its cur/), where a mail client moves what the user keeps: mail all the same."""
     for sub in ("new", "cur", "tmp"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     for index, body in enumerate(messages):
         name = f"{1700000000 + index}.M{index}P1.lab"
+        if index >= 2:
+            folder = maildir / ".Archive"
+            for sub in ("new", "cur", "tmp"):
+                (folder / sub).mkdir(parents=True, exist_ok=True)
+            (folder / "maildirfolder").touch()
+            (folder / "cur" / (name + ":2,S")).write_bytes(body)
+            continue
         target = maildir / ("cur" if index % 2 else "new") / (name + (":2,S" if index % 2 else ""))
         target.write_bytes(body)
+
+
+def _mail_log(domain: str, now: datetime, zone: ZoneInfo) -> tuple[str, str, bytes]:
+    """The current log, `mail.log.1` and `mail.log.2.gz` (logrotate with delaycompress): a
+    delivery a few hours ago, one a day earlier, one two days earlier. Classic syslog stamps,
+    in the local time of `onprem.log_timezone`."""
+
+    def delivery(when: datetime, queue_id: str, user: str) -> str:
+        stamp = when.astimezone(zone).strftime("%b %e %H:%M:%S")
+        return (
+            f"{stamp} mail postfix/smtpd[2101]: {queue_id}: client=mx.example.net[192.0.2.25]\n"
+            f"{stamp} mail postfix/local[2104]: {queue_id}: to=<{user}@{domain}>, "
+            "relay=local, delay=0.2, dsn=2.0.0, status=sent (delivered to maildir)\n"
+        )
+
+    current = delivery(now - timedelta(hours=3), "3F1A2C", "suga")
+    older = delivery(now - timedelta(days=1, hours=3), "2E0B1D", "tanaka")
+    oldest = delivery(now - timedelta(days=2, hours=3), "1D9A0C", "sato")
+    return current, older, gzip.compress(oldest.encode(), mtime=0)
 
 
 def _zone(state: DesiredState, migrated: bool) -> str:
@@ -95,6 +151,9 @@ def _zone(state: DesiredState, migrated: bool) -> str:
         state.dns.mx is Side.RENTAL or any(u.outbound is Side.RENTAL for u in state.users.values())
     ):
         terms.append(state.rental.spf)
+    route = state.router.smtp_route if state.router else None
+    if migrated and route is not None and route.egress_ip != state.onprem.public_ip:
+        terms.append(f"ip{route.egress_ip.version}:{route.egress_ip}")  # onprem's mail: MR006
     if migrated and state.onprem.state == "retired":
         terms = [t for t in terms if not t.startswith("ip")]
     terms.append("~all")
@@ -168,31 +227,41 @@ def init_lab(directory: Path, loaded: LoadedState, *, migrated: bool, force: boo
         "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin",
         "postfix:x:107:113::/var/spool/postfix:/usr/sbin/nologin",
     ]
-    transport: dict[str, str] = {}
-    recipients: dict[str, str] = {}
+    forwarded: list[str] = []
+    removed: dict[str, str] = {}
     mailboxes: list[str] = []
     for uid, (name, user) in enumerate(sorted(state.users.items()), start=1001):
         at_rental = migrated and user.inbound is Side.RENTAL
+        passwd.append(f"{name}:x:{uid}:{uid}:{name.title()}:/home/{name}:/bin/bash")
         if not at_rental:
-            passwd.append(f"{name}:x:{uid}:{uid}:{name.title()}:/home/{name}:/bin/bash")
             count = (uid * 7) % 4  # a few messages each, some none, to show draining
             _write_maildir(layout.onprem_home / name / "Maildir",
                            [_message(i, name, state.domain) for i in range(count)])
         else:
-            transport[f"{name}@{state.domain}"] = relay_target(
-                state.rental.smtp_host, state.rental.relay_port)
-            recipients[f"{name}@{state.domain}"] = "OK"
+            # Drained and archived by mailrec's onprem-mailbox step: the account stays.
+            archived = f"Maildir{ARCHIVE_INFIX}{now.strftime('%Y%m%dT%H%M%SZ')}"
+            _write_maildir(layout.onprem_home / name / archived, [])
+            removed[name] = f"/home/{name}/{archived}"
+            forwarded.append(name)
             mailboxes.append(f"{name}@{state.domain}")
     (layout.onprem / "etc" / "passwd").write_text("\n".join(passwd) + "\n")
-    (layout.postfix_dir / TRANSPORT_MAP).write_text(format_map(transport, TRANSPORT_MAP))
-    (layout.postfix_dir / RECIPIENT_MAP).write_text(format_map(recipients, RECIPIENT_MAP))
+    (layout.onprem / "etc" / "aliases").write_text(_aliases(state))
+    (layout.postfix_dir / TRANSPORT_MAP).write_text(format_map({}, TRANSPORT_MAP))
+    (layout.postfix_dir / RECIPIENT_MAP).write_text(format_map({}, RECIPIENT_MAP))
+    onprem = LabOnprem(layout, state.domain, state.onprem.config_dir)
+    for name in forwarded:  # as mailrec forwards: every local name of the user
+        onprem.route_to_rental(name, state.rental.smtp_host, state.rental.relay_port)
+    if removed:
+        (layout.postfix_dir / REMOVED_LIST).write_text(format_map(removed, REMOVED_LIST))
     layout.onprem_maillog.parent.mkdir(parents=True)
-    stamp = (now - timedelta(hours=3)).strftime("%b %e %H:%M:%S")
-    layout.onprem_maillog.write_text(
-        f"{stamp} mail postfix/smtpd[2101]: 3F1A2C: client=mx.example.net[192.0.2.25]\n"
-        f"{stamp} mail postfix/local[2104]: 3F1A2C: to=<suga@{state.domain}>, relay=local, "
-        "delay=0.2, dsn=2.0.0, status=sent (delivered to maildir)\n"
-    )
+    current, older, oldest = _mail_log(state.domain, now, ZoneInfo(state.onprem.log_timezone))
+    log = layout.onprem_maillog
+    for path, content, age in ((log.with_name(log.name + ".2.gz"), oldest, timedelta(days=2)),
+                               (log.with_name(log.name + ".1"), older, timedelta(days=1)),
+                               (log, current, timedelta(0))):
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        written = (now - age - timedelta(hours=3)).timestamp()
+        os.utime(path, (written, written))  # last written when its last line was logged
     if migrated and state.onprem.state == "retired":
         layout.onprem_retired.write_text("retired\n")
 
@@ -201,6 +270,7 @@ def init_lab(directory: Path, loaded: LoadedState, *, migrated: bool, force: boo
     layout.rental_mailboxes.write_text("".join(m + "\n" for m in mailboxes))
     whitelist = [str(n) for n in state.rental.whitelist] if migrated else []
     layout.rental_whitelist.write_text("".join(w + "\n" for w in whitelist))
+    layout.rental_aliases.write_text(_rental_aliases(state, migrated))
     layout.rental_passwd.write_text(
         "".join(f"{name}@{state.domain}:lab-{name}-pw\n" for name in sorted(state.users))
     )

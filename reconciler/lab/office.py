@@ -72,7 +72,8 @@ def record_history(layout: LabLayout, state: DesiredState, when: datetime) -> No
     """A lab built "as in" a state has a past in which mailrec made it so: the office's mail
     clients set up as the state says (what a person would have acked: mailrec cannot read a
     mail client, so without the record every client would count as unknown), and the
-    router's policy filter and route as mailrec would have recorded applying them."""
+    router's policy filter and route as mailrec would have recorded applying them, and the
+    probe of the forward path before the first user was forwarded."""
     from reconciler.context import Context
     from reconciler.journal import Journal
 
@@ -91,5 +92,9 @@ def record_history(layout: LabLayout, state: DesiredState, when: datetime) -> No
             journal.record(when, "apply", "router/route/default", "ok",
                            detail={"egress": {"gateway": route.gateway,
                                               "address": str(route.egress_ip)}})
+        if any(u.inbound == "rental" for u in state.users.values()):
+            # Users were forwarded: the probe of the forward path came first.
+            journal.record(when, "apply", "onprem/forward-probe", "ok",
+                           detail={"target": ctx.forward_target})
     finally:
         journal.close()
