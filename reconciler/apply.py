@@ -28,7 +28,7 @@ class Backend(Protocol):
 
     def observe(self, now: datetime, view: JournalView) -> World: ...
 
-    def execute(self, step: Step) -> None: ...
+    def execute(self, step: Step) -> str | None: ...
 
     def instructor(self) -> Instructor: ...
 
@@ -157,7 +157,7 @@ def reconcile(
             if progress:
                 progress(step.id, "started")
             try:
-                backend.execute(step)
+                said = backend.execute(step)
                 observed = backend.observe(clock(), JournalView.read(journal))
             except Exception as exc:  # a driver failure stops the run; the next run resumes
                 message = f"{type(exc).__name__}: {exc}"
@@ -172,6 +172,8 @@ def reconcile(
                                detail={"error": message})
                 report.outcomes.append(Outcome(step.id, "failed", message))
                 break
+            if said:
+                detail["result"] = said  # what the driver proved (e.g. the forward probe)
             journal.record(clock(), "apply", step.id, "ok", source=loaded.digest, detail=detail)
             report.outcomes.append(Outcome(step.id, "ok"))
             if progress:

@@ -301,6 +301,12 @@ def upstream_pending(state: DesiredState, journal: JournalView,
     pending: list[tuple[str, str]] = []
     for upstream in state.onprem.upstream:
         facts = by_host.get(upstream.host)
+        shown = f" ({facts.detail})" if facts is not None and facts.detail else ""
+        if upstream.connect is not None and (facts is None or not facts.observed):
+            # mailrec was told to read it and cannot: it waits, no ack replaces the reading.
+            pending.append((upstream.host, f"not verified: it could not be read over "
+                            f"{upstream.connect}{shown}"))
+            continue
         if facts is not None and facts.observed:
             reasons = []
             if facts.routes_to_onprem is not False:
@@ -310,11 +316,11 @@ def upstream_pending(state: DesiredState, journal: JournalView,
                 reasons.append(f"it queues {facts.queued} message(s) for the domain"
                                if facts.queued else "its queue could not be read")
             if reasons:
-                pending.append((upstream.host, "; ".join(reasons)))
+                pending.append((upstream.host, "; ".join(reasons) + shown))
             continue
         if facts is not None and facts.accepts_domain:
             pending.append((upstream.host, "an SMTP probe finds it still accepting mail for "
-                            "the domain"))
+                            f"the domain{shown}"))
         elif f"upstream/{upstream.host}" not in journal.acked:
             pending.append((upstream.host, "not verified: no ack that it stopped routing to "
                             "onprem"))

@@ -290,3 +290,23 @@ def test_the_first_forward_waits_for_a_probe_message_over_the_same_transport() -
                          router=world({}).router, journal=proven_view, now=START)
     assert proven.onprem.forward_verified
     assert "onprem/forward-probe" not in {s.id for s in diff(desired, proven, ctx)}
+
+
+def test_a_relay_mailrec_should_read_but_cannot_keeps_onprem_running() -> None:
+    """onprem.upstream names how to read the relay; when that fails, no ack replaces the
+    reading: the relay stays pending (fail closed), with the reason shown."""
+    from reconciler.drivers.upstream import UpstreamFacts
+    from reconciler.observe import upstream_pending
+
+    desired = state({"suga": ("rental", "rental")}, dns__mx="rental", onprem__state="retired",
+                    onprem__upstream=[{"host": "relay.example.co.jp.",
+                                       "connect": "ssh://root@relay.example.co.jp"}])
+    acked = JournalView({}, None, None, frozenset({"upstream/relay.example.co.jp."}))
+    unread = UpstreamFacts("relay.example.co.jp.", False, None, None, False,
+                           "host key not in known_hosts")
+    pending = upstream_pending(desired, acked, [unread])
+    assert pending and "host key not in known_hosts" in pending[0][1]
+    detached = UpstreamFacts("relay.example.co.jp.", True, False, 0)
+    assert upstream_pending(desired, acked, [detached]) == ()
+    queued = UpstreamFacts("relay.example.co.jp.", True, False, 2)
+    assert "queues 2" in upstream_pending(desired, acked, [queued])[0][1]

@@ -9,11 +9,14 @@ data; ordering and safety are the planner's.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import weakref
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
+from zoneinfo import ZoneInfo
 
 from reconciler.context import Instructor
 from reconciler.drivers.dns import DnsRecords, Rfc2136Dns, ZoneFileDns
@@ -29,18 +32,29 @@ from reconciler.drivers.rental.base import (
 from reconciler.drivers.rental.manual import ManualProvider
 from reconciler.drivers.rental.registry import load_provider, provider_class
 from reconciler.drivers.router import LabRouter, RouterDriver, RtxRouter
+from reconciler.drivers.upstream import (
+    HopNames,
+    RelayReader,
+    UpstreamError,
+    UpstreamFacts,
+    relay_facts,
+)
 from reconciler.lab.layout import LabLayout
 from reconciler.lab.office import OFFICE_ADDRESS, office_seen_as
-from reconciler.model import DesiredState, Rental, Side
+from reconciler.model import DesiredState, Rental, Side, Upstream
 from reconciler.observe import JournalView, build_world
 from reconciler.secrets import resolve_secret
 from reconciler.steps import (
     ChangeWhitelist,
+    CreateAlias,
     CreateMailbox,
+    DetachUpstream,
     EnableRecipientMap,
     MoveInbound,
     MoveMx,
     MoveOutbound,
+    ProbeForward,
+    RemoveFallback,
     RemoveOnpremMailbox,
     RetireOnprem,
     SetDefaultRoute,
@@ -49,8 +63,10 @@ from reconciler.steps import (
     SetSpf,
     Step,
 )
-from reconciler.transport import TransportError, open_transport
+from reconciler.transport import Transport, TransportError, open_transport
 from reconciler.world import World
+
+log = logging.getLogger(__name__)
 
 
 class BackendError(RuntimeError):
@@ -66,6 +82,18 @@ class OnpremDriver(Protocol):
     def enable_recipient_map(self) -> None: ...
     def remove_mailbox(self, user: str) -> None: ...
     def retire(self) -> None: ...
+    def remove_fallback(self, *rental_hosts: str) -> tuple[str, ...]: ...
+    def probe_forward(self, smtp_host: str, port: int) -> str: ...
+
+
+@dataclass
+class _Relay:
+    """One `onprem.upstream` entry: its reader when its `connect` opened, else why not."""
+
+    config: Upstream
+    reader: RelayReader | None = None
+    transport: Transport | None = None
+    unreadable: str = ""
 
 
 def _env_str(name: str) -> str | None:
@@ -90,11 +118,18 @@ class SystemBackend:
         self.state = state
         self.lab = lab
         self.onprem: OnpremDriver
+        # Relays in front of onprem; the lab has none (its MX is onprem itself).
+        self.relays: list[_Relay] = []
         services = lab.read_services() if lab else {}
         if lab is not None:
             if not lab.exists():
                 raise BackendError(f"{lab.root} is not a mailrec lab (run: mailrec lab init)")
-            self.onprem = LabOnprem(lab, state.domain, state.onprem.config_dir)
+            self.onprem = LabOnprem(
+                lab, state.domain, state.onprem.config_dir,
+                quiet_period=state.policy.quiet_period,
+                log_zone=ZoneInfo(state.onprem.log_timezone),
+                rental_smtp=services.get("rental_smtp"),
+                **({"uid_range": state.onprem.uid_range} if state.onprem.uid_range else {}))
             self.dns: ZoneFileDns | Rfc2136Dns = ZoneFileDns(lab.zone_file(state.domain),
                                                              state.domain)
             # The lab rental is files plus an SMTP server: a `manual` rental is probed over
@@ -120,6 +155,9 @@ class SystemBackend:
             except (RuntimeError, ValueError) as exc:  # the TSIG secret, a bad key
                 raise BackendError(f"DNS server {state.dns.server}: {exc}") from exc
             self.onprem = self._open_onprem(
+                state, known_hosts or Path("~/.ssh/known_hosts").expanduser()
+            )
+            self.relays = self._open_relays(
                 state, known_hosts or Path("~/.ssh/known_hosts").expanduser()
             )
             rental_config = state.rental
@@ -163,10 +201,52 @@ class SystemBackend:
         weakref.finalize(host, transport.close)
         return host
 
+    @staticmethod
+    def _open_relays(state: DesiredState, known_hosts: Path) -> list[_Relay]:
+        """A reader per relay with `connect` (SSH with the host key checked against
+        `known_hosts`, the key of MAILREC_SSH_KEY, as for onprem). A relay that does not open
+        is not fatal: it is then unread, so onprem's retirement waits for a person's ack that
+        an SMTP probe does not contradict (observe.upstream_pending)."""
+        relays: list[_Relay] = []
+        names = HopNames.of(
+            (state.onprem.mx_host, state.onprem.connect.host, str(state.onprem.public_ip)),
+            (state.rental.smtp_host, state.rental.mx_host),
+        )
+        for upstream in state.onprem.upstream:
+            relay = _Relay(upstream)
+            relays.append(relay)
+            if upstream.connect is None:
+                continue
+            try:
+                key = _env_path("MAILREC_SSH_KEY")
+                transport = open_transport(
+                    upstream.connect, known_hosts=known_hosts,
+                    key_filename=str(key) if key else None,
+                )
+            except (TransportError, OSError) as exc:
+                relay.unreadable = f"relay {upstream.host} {upstream.connect}: cannot open: {exc}"
+                log.warning("%s", relay.unreadable)
+                continue
+            try:
+                relay.reader = RelayReader(transport, upstream.host, upstream.config_dir,
+                                           state.domain, names=names)
+            except UpstreamError as exc:
+                transport.close()
+                relay.unreadable = str(exc)
+                log.warning("%s", relay.unreadable)
+                continue
+            relay.transport = transport
+            weakref.finalize(relay.reader, transport.close)
+        return relays
+
     def close(self) -> None:
-        """Close the connections this backend opened (onprem SSH, an ssh rental)."""
+        """Close the connections this backend opened (onprem and relay SSH, an ssh
+        rental)."""
         if isinstance(self.onprem, PostfixHost):
             self.onprem.transport.close()
+        for relay in self.relays:
+            if relay.transport is not None:
+                relay.transport.close()
         close = getattr(self.rental, "close", None)
         if callable(close):
             close()
@@ -193,11 +273,23 @@ class SystemBackend:
         router = self.router.observe() if self.router else None
         return postfix, rental, records, router
 
+    def read_upstream(self) -> tuple[UpstreamFacts, ...]:
+        """Each relay in front of onprem: read over SSH, else probed over SMTP (see
+        drivers/upstream.py). None in the lab."""
+        if self.lab is not None:
+            return ()
+        return tuple(
+            relay_facts(relay.config, self.state.domain, relay.reader,
+                        unreadable=relay.unreadable)
+            for relay in self.relays
+        )
+
     def observe(self, now: datetime, view: JournalView) -> World:
         postfix, rental, records, router = self.read_parts(now)
         return build_world(
             self.state, postfix=postfix, rental=rental, dns=records,
             router=router, journal=view, now=now,  # type: ignore[arg-type]
+            upstream=self.read_upstream(),
         )
 
     # --- execute ---------------------------------------------------------------------------
@@ -211,6 +303,7 @@ class SystemBackend:
                 "delete_mailbox": Capability.DELETE_MAILBOX,
                 "add_whitelist": Capability.WRITE_WHITELIST,
                 "remove_whitelist": Capability.WRITE_WHITELIST,
+                "create_alias": Capability.CREATE_ALIAS,
             }.get(action)
             if needed is None or provider.supports(needed):
                 return None
@@ -218,7 +311,8 @@ class SystemBackend:
 
         return instruct
 
-    def execute(self, step: Step) -> None:
+    def execute(self, step: Step) -> str | None:
+        """Perform one step; returns what the driver reports it proved, if anything."""
         rental = self.state.rental
         match step:
             case CreateMailbox(user=user):
@@ -233,6 +327,12 @@ class SystemBackend:
                 self.onprem.enable_recipient_map()
             case RetireOnprem():
                 self.onprem.retire()
+            case CreateAlias(alias=name, members=members):
+                self.rental.create_alias(name, members)
+            case ProbeForward():
+                return self.onprem.probe_forward(rental.smtp_host, rental.relay_port)
+            case RemoveFallback():
+                self.onprem.remove_fallback(rental.smtp_host, rental.mx_host)
             case SetSpf(after=terms):
                 self.dns.set_spf(terms, self.state.dns.ttl)
             case SetMxTtl(after=ttl):
@@ -247,7 +347,8 @@ class SystemBackend:
                 if self.router is None:
                     raise BackendError("no router configured")
                 self.router.apply_step(step, self.state)
-            case MoveOutbound():
+            case MoveOutbound() | DetachUpstream():
                 raise BackendError(f"{step.id} is a manual step: a person acks it")
             case _:
                 raise BackendError(f"no driver performs {step.id}")
+        return None

@@ -89,7 +89,9 @@ class MoveInbound(UserStep):
                                  route_drift=False, via_fallback=False)
 
     def gate(self, world: World, ctx: Context) -> Gate | None:
-        if self.to is Side.RENTAL and not world.onprem.forward_verified:
+        onprem = world.onprem
+        # A retired onprem forwards nothing: its path no longer matters.
+        if self.to is Side.RENTAL and not onprem.forward_verified and not onprem.retired:
             return Gate("observation", "no probe message has gone from onprem to the rental "
                         "by the forward's transport yet: a blocked path would hold "
                         f"{self.user}'s mail in onprem's queue until it bounces (step "
