@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from reconciler.drivers.postfix import parse_map
 from reconciler.journal import Journal
 from reconciler.lab.init import init_lab
 from reconciler.lab.layout import LabLayout
@@ -399,8 +400,11 @@ def test_9_a_changed_rental_host_plans_the_repair_of_every_route(tmp_path: Path)
     assert sum(f["code"] == "MR018" for f in plan["findings"]) == len(USERS)
     assert {s["id"] for s in plan["steps"]} >= {f"inbound/{n}" for n in USERS}
     assert apply(lab, NOW, "--allow-bulk") == 0
-    transport = (lab.postfix_dir / "mailrec_transport").read_text()
-    assert transport.count("smtp:[smtp2.sakura.ne.jp]:25") == len(USERS)
+    transport = parse_map((lab.postfix_dir / "mailrec_transport").read_text())
+    # Every user under every local name, all to the new host; nothing left on the old one.
+    assert {k.split("@")[0] for k, v in transport.items()
+            if v == "smtp:[smtp2.sakura.ne.jp]:25"} == set(USERS)
+    assert set(transport.values()) == {"smtp:[smtp2.sakura.ne.jp]:25"}
 
 
 def test_9_a_hand_edited_error_entry_is_drift_and_repaired(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ What is proved here (see reconciler/drivers/postfix_host.py's docstring for why)
 from __future__ import annotations
 
 import re
+import smtplib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -190,6 +191,61 @@ def test_every_name_of_a_migrated_user_reaches_the_rental(
         dump = onprem.postfix.run("postmap", "-s", f"hash:{onprem.config_dir / name}").stdout
         assert a not in dump and b not in dump, (name, dump)
     deliver_table(onprem, users, "back", [row.before for row in ROWS])
+
+
+def send_to_rental(onprem: OnpremStack, rcpt: str, token: str) -> tuple[int, bytes]:
+    """After the MX move, senders reach the rental directly (its MX), not onprem."""
+    with smtplib.SMTP(RENTAL_ADDRESS, onprem.rental.relay_port, timeout=15) as smtp:
+        smtp.ehlo("sender.example.net")
+        smtp.mail("someone@example.net")
+        code, text = smtp.rcpt(rcpt)
+        if code == 250:
+            smtp.data(f"Subject: {token}\r\nTo: <{rcpt}>\r\n\r\n{token}\r\n".encode())
+        else:
+            smtp.rset()
+        return code, text
+
+
+def test_after_the_mx_move_every_name_needs_its_destination_at_the_rental(
+    onprem: OnpremStack, host: PostfixHost
+) -> None:
+    """The MX names the rental: mail to the domain's names arrives there directly. A name
+    that exists only onprem (an alias the rental does not have) is refused by the rental:
+    the bounce MR019 prevents by keeping the MX until every name has a destination there.
+    With the aliases made at the rental (what `alias/<name>` does), every form lands."""
+    a, b = onprem.users.create(2)
+    onprem.add_rental_mailbox(a, b)
+    onprem.write_aliases(f"info: {a}, {b}\nhelpdesk: {a}\n")
+    onprem.write_virtual(f"sales@{DOMAIN} {a}\n")
+    onprem.postfix.run("postfix", "reload")
+    port = onprem.rental.relay_port
+    host.route_to_rental(a, RENTAL_ADDRESS, port)
+    host.route_to_rental(b, RENTAL_ADDRESS, port)
+    # What observe tells the planner: names onprem has that the rental must have too.
+    space = host.observe(now()).space
+    assert {"info", "helpdesk"} <= set(space.aliases) and "sales" in space.virtual_aliases
+
+    aliases_file = onprem.rental_lab.rental_aliases
+    aliases_file.write_text("")
+    for name in ("info", "sales", "helpdesk"):
+        code, _ = send_to_rental(onprem, f"{name}@{DOMAIN}", f"tok-nomx-{name}-{a}")
+        assert code == 550, f"{name}@ without an alias at the rental: {code}"
+
+    aliases_file.write_text(
+        f"info@{DOMAIN}: {a}@{DOMAIN}, {b}@{DOMAIN}\n"
+        f"sales@{DOMAIN}: {a}@{DOMAIN}\n"
+        f"helpdesk@{DOMAIN}: {a}@{DOMAIN}\n")
+    rows = [(f"{a}@{DOMAIN}", (a,)), (f"{a}+tag@{DOMAIN}", (a,)),
+            (f"{a.upper()}@{DOMAIN}", (a,)), (f"info@{DOMAIN}", (a, b)),
+            (f"sales@{DOMAIN}", (a,)), (f"helpdesk@{DOMAIN}", (a,)), (f"{b}@{DOMAIN}", (b,))]
+    for number, (address, owners) in enumerate(rows):
+        token = f"tok-mx-{number}-{a}"
+        code, reply = send_to_rental(onprem, address, token)
+        assert code == 250, f"{address}: {code} {reply!r}"
+        for owner in owners:
+            wait_for([onprem.rental_maildir(owner)], token)
+    host.route_to_onprem(a)
+    host.route_to_onprem(b)
 
 
 # --- observation ----------------------------------------------------------------------------
