@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.drivers.postfix_host import PostfixHost
 from reconciler.drivers.rental.base import ProviderContext
 from reconciler.drivers.rental.ssh import SshProvider
 from reconciler.model import Rental
+from reconciler.transport import Transport
 
+from .onprem import OnpremStack
 from .services import (
     Dovecot,
     Postfix,
@@ -154,6 +157,20 @@ def rental_config(options: dict[str, str]) -> Rental:
         spf="ip4:127.0.0.8",
         options=options,
     )
+
+
+# For the modules that start an onprem stack (a module-scoped `onprem` fixture of their
+# own): an SSH transport to it, and the real-host driver over that transport.
+@pytest.fixture
+def ssh(onprem: OnpremStack) -> Iterator[Transport]:
+    transport = onprem.ssh()
+    yield transport
+    transport.close()
+
+
+@pytest.fixture
+def host(onprem: OnpremStack, ssh: Transport) -> PostfixHost:
+    return PostfixHost(ssh, DOMAIN, onprem.onprem())
 
 
 @pytest.fixture

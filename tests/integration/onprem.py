@@ -218,7 +218,13 @@ def start_onprem_stack(
 
 def send(stack: OnpremStack, rcpt: str, token: str) -> tuple[int, bytes]:
     """One message to onprem's smtpd; returns the RCPT reply (DATA only after a 250)."""
-    with smtplib.SMTP(ONPREM_ADDRESS, stack.postfix.smtp_port, timeout=15) as smtp:
+    return send_to(ONPREM_ADDRESS, stack.postfix.smtp_port, rcpt, token)
+
+
+def send_to(host: str, port: int, rcpt: str, token: str) -> tuple[int, bytes]:
+    """One message to the SMTP server at host:port (onprem, or the rental once the MX names
+    it); returns the RCPT reply (DATA only after a 250)."""
+    with smtplib.SMTP(host, port, timeout=15) as smtp:
         smtp.ehlo("client.test")
         smtp.mail("sender@example.net")
         code, text = smtp.rcpt(rcpt)

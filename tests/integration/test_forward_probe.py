@@ -45,18 +45,6 @@ def onprem() -> Iterator[OnpremStack]:
         stack.stop_all()
 
 
-@pytest.fixture
-def ssh(onprem: OnpremStack) -> Iterator[Transport]:
-    transport = onprem.ssh()
-    yield transport
-    transport.close()
-
-
-@pytest.fixture
-def host(onprem: OnpremStack, ssh: Transport) -> PostfixHost:
-    return PostfixHost(ssh, DOMAIN, onprem.onprem())
-
-
 def assert_nothing_left(onprem: OnpremStack) -> None:
     """No probe in the queue, no probe entry in the map's source or its compiled table."""
     assert onprem.queue_empty(), onprem.postfix.run("postqueue", "-p").stdout

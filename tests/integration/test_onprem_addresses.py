@@ -17,7 +17,6 @@ What is proved here (see reconciler/drivers/postfix_host.py's docstring for why)
 from __future__ import annotations
 
 import re
-import smtplib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from .onprem import (
     OnpremStack,
     local_maildir,
     send,
+    send_to,
     start_onprem_stack,
     wait_for,
 )
@@ -68,18 +68,6 @@ def onprem() -> Iterator[OnpremStack]:
         yield started
     finally:
         stack.stop_all()
-
-
-@pytest.fixture
-def ssh(onprem: OnpremStack) -> Iterator[Transport]:
-    transport = onprem.ssh()
-    yield transport
-    transport.close()
-
-
-@pytest.fixture
-def host(onprem: OnpremStack, ssh: Transport) -> PostfixHost:
-    return PostfixHost(ssh, DOMAIN, onprem.onprem())
 
 
 @pytest.fixture(autouse=True)
@@ -195,15 +183,7 @@ def test_every_name_of_a_migrated_user_reaches_the_rental(
 
 def send_to_rental(onprem: OnpremStack, rcpt: str, token: str) -> tuple[int, bytes]:
     """After the MX move, senders reach the rental directly (its MX), not onprem."""
-    with smtplib.SMTP(RENTAL_ADDRESS, onprem.rental.relay_port, timeout=15) as smtp:
-        smtp.ehlo("sender.example.net")
-        smtp.mail("someone@example.net")
-        code, text = smtp.rcpt(rcpt)
-        if code == 250:
-            smtp.data(f"Subject: {token}\r\nTo: <{rcpt}>\r\n\r\n{token}\r\n".encode())
-        else:
-            smtp.rset()
-        return code, text
+    return send_to(RENTAL_ADDRESS, onprem.rental.relay_port, rcpt, token)
 
 
 def test_after_the_mx_move_every_name_needs_its_destination_at_the_rental(

@@ -137,18 +137,6 @@ def onprem() -> Iterator[OnpremStack]:
         stack.stop_all()
 
 
-@pytest.fixture
-def ssh(onprem: OnpremStack) -> Iterator[Transport]:
-    transport = onprem.ssh()
-    yield transport
-    transport.close()
-
-
-@pytest.fixture
-def host(onprem: OnpremStack, ssh: Transport) -> PostfixHost:
-    return PostfixHost(ssh, DOMAIN, onprem.onprem())
-
-
 def postmap_dump(onprem: OnpremStack, name: str) -> str:
     return onprem.postfix.run("postmap", "-s", f"hash:{onprem.config_dir / name}").stdout
 

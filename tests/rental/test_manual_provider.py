@@ -74,10 +74,9 @@ def test_probe_session_count_is_constant_in_the_number_of_users(
     assert sessions == {3: 2, 50: 2}  # one mailbox probe session + one relay probe session
 
 
-def test_probe_round_trips_are_constant_with_pipelining(
-    context: Context, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    writes = []
+def count_smtp_writes(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every write the SMTP client makes (one per round trip with pipelining), recorded."""
+    writes: list[Any] = []
     send = smtplib.SMTP.send
 
     def counting_send(self: smtplib.SMTP, data: Any) -> None:
@@ -85,6 +84,13 @@ def test_probe_round_trips_are_constant_with_pipelining(
         send(self, data)
 
     monkeypatch.setattr(smtplib.SMTP, "send", counting_send)
+    return writes
+
+
+def test_probe_round_trips_are_constant_with_pipelining(
+    context: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes = count_smtp_writes(monkeypatch)
     counts = []
     for count in (3, 50):
         writes.clear()
@@ -344,14 +350,7 @@ def test_alias_names_are_probed_in_the_same_session(
 def test_alias_probe_round_trips_do_not_grow(
     context: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    writes = []
-    send = smtplib.SMTP.send
-
-    def counting_send(self: smtplib.SMTP, data: Any) -> None:
-        writes.append(data)
-        send(self, data)
-
-    monkeypatch.setattr(smtplib.SMTP, "send", counting_send)
+    writes = count_smtp_writes(monkeypatch)
     provider = ManualProvider(rental_config(), context())
     provider._probe_mailboxes(["suga"], [f"alias{i:02d}" for i in range(50)])
     assert len(writes) == 3  # EHLO, the pipelined transaction, QUIT

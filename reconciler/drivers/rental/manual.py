@@ -29,7 +29,7 @@ import ipaddress
 import re
 import secrets
 import smtplib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -154,25 +154,36 @@ def merge_mailboxes(
             f"the rental answered 250 for a made-up address at {domain} ({why}): mailbox "
             "probes prove nothing, so the mailboxes file is used"
         )
-    boxes: dict[str, int | None] = {}
-    for user in sorted(set(probe.replies) | (listed or frozenset())):
-        in_file = listed is not None and user in listed
-        address = f"{user}@{domain}"
-        if user in probe.exists:
-            exists = probe.exists[user]
+    present = _present(listed, probe.exists, probe.replies, probe.accepts_anything, domain,
+                       "mailboxes file", "not verified", notes)
+    return dict.fromkeys(present), notes  # a probe cannot count messages: None
+
+
+def _present(listed: Collection[str] | None, exists_by_probe: Mapping[str, bool],
+             replies: Mapping[str, Reply], accepts_anything: bool, domain: str, file: str,
+             unverified: str, notes: list[str]) -> list[str]:
+    """The names present at the rental, from the admin's file and the probe: a definite
+    probe answer wins over the file (with a note when they disagree); without one the file
+    is used, and a name the probe could not decide is noted as not verified."""
+    present: list[str] = []
+    for name in sorted(set(replies) | set(listed or ())):
+        in_file = listed is not None and name in listed
+        address = f"{name}@{domain}"
+        if name in exists_by_probe:
+            exists = exists_by_probe[name]
             if listed is not None and exists != in_file:
                 said = "lists" if in_file else "does not list"
                 notes.append(
-                    f"{address}: the mailboxes file {said} it, but the rental answered "
-                    f"{probe.replies[user]}: taken as {'present' if exists else 'missing'}"
+                    f"{address}: the {file} {said} it, but the rental answered "
+                    f"{replies[name]}: taken as {'present' if exists else 'missing'}"
                 )
         else:
             exists = in_file
-            if user in probe.replies and not probe.accepts_anything:
-                notes.append(f"{address}: not verified, the rental answered {probe.replies[user]}")
+            if name in replies and not accepts_anything:
+                notes.append(f"{address}: {unverified}, the rental answered {replies[name]}")
         if exists:
-            boxes[user] = None  # a probe cannot count messages
-    return boxes, notes
+            present.append(name)
+    return present
 
 
 def merge_aliases(
@@ -183,28 +194,11 @@ def merge_aliases(
     notes: list[str] = []
     if probe.domain_accepted is False:
         return {}, notes  # merge_mailboxes says why
-    aliases: dict[str, tuple[str, ...] | None] = {}
-    for name in sorted(set(probe.alias_replies) | set(listed or {})):
-        in_file = listed is not None and name in listed
-        address = f"{name}@{domain}"
-        if name in probe.alias_exists:
-            exists = probe.alias_exists[name]
-            if listed is not None and exists != in_file:
-                said = "lists" if in_file else "does not list"
-                notes.append(
-                    f"{address}: the aliases file {said} it, but the rental answered "
-                    f"{probe.alias_replies[name]}: taken as {'present' if exists else 'missing'}"
-                )
-        else:
-            exists = in_file
-            if name in probe.alias_replies and not probe.accepts_anything:
-                notes.append(
-                    f"{address}: alias not verified, the rental answered "
-                    f"{probe.alias_replies[name]}"
-                )
-        if exists:
-            # A 250 proves the name is accepted, not where it forwards: members unknown.
-            aliases[name] = listed[name] if listed is not None and in_file else None
+    present = _present(listed, probe.alias_exists, probe.alias_replies, probe.accepts_anything,
+                       domain, "aliases file", "alias not verified", notes)
+    # A 250 proves the name is accepted, not where it forwards: members unknown.
+    aliases: dict[str, tuple[str, ...] | None] = {
+        name: listed.get(name) if listed is not None else None for name in present}
     return aliases, notes
 
 
