@@ -30,10 +30,10 @@ from reconciler.safety_addresses import (
     address_findings,
     address_measures,
     egress_spf_findings,
-    egress_spf_measure,
     retired_address_findings,
     retired_address_measure,
     stray_findings,
+    unauthorised_egress,
 )
 from reconciler.safety_router import router_transition_findings
 from reconciler.spf import spf_problems, too_wide
@@ -66,10 +66,6 @@ def _memo(kind: str, parts: tuple[object, ...], compute: Callable[[], list[str]]
     result = compute()
     _part_cache[kind] = (parts, result)
     return result
-
-
-def _memo_count(kind: str, parts: tuple[object, ...], compute: Callable[[], int]) -> int:
-    return len(_memo(kind, parts, lambda: ["x"] * compute()))
 
 
 def _egress_problems(world: World, ctx: Context) -> list[str]:
@@ -174,8 +170,9 @@ def _measure(world: World, ctx: Context) -> dict[str, Measure]:
     note("MR006",
          0 if world.dns.spf_has(ctx.rental_spf_term) else c.may_send_rental,
          0 if world.dns.spf_has(ctx.onprem_spf_term) else c.may_send_onprem,
-         _memo_count("egress-spf", (world.router, world.dns, ctx),
-                     lambda: egress_spf_measure(world, ctx)))
+         0 if world.onprem.retired else len(_memo(
+             "egress-spf", (world.router, world.dns, ctx),
+             lambda: unauthorised_egress(world, ctx))))
     note("MR007", c.routed_unaccepted if world.onprem.recipient_validation
          else c.routed_without_account)
     if world.router is not None:

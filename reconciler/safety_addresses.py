@@ -46,17 +46,11 @@ def address_measures(world: World) -> tuple[Measure, Measure]:
     return (*when(names), *when(unseen)), when(accounts)
 
 
-def egress_spf_measure(world: World, ctx: Context) -> int:
-    """MR006 (onprem's own mail): how many office lines tcp/25 may leave through, with an
-    address the state or the journal declares, are not authorised by SPF while onprem (or a
-    relay in front of it) still sends. A gateway whose address nothing declares is taken to
-    be the line onprem used before mailrec touched the router (its mail passed SPF then)."""
-    if world.onprem.retired or world.router is None:
-        return 0
-    return len(_unauthorised_egress(world, ctx))
-
-
-def _unauthorised_egress(world: World, ctx: Context) -> list[str]:
+def unauthorised_egress(world: World, ctx: Context) -> list[str]:
+    """MR006 (onprem's own mail): the office lines tcp/25 may leave through, with an address
+    the state or the journal declares, that SPF does not authorise. A gateway whose address
+    nothing declares is taken to be the line onprem used before mailrec touched the router
+    (its mail passed SPF then). Counted only while onprem (or a relay in front of it) sends."""
     router = world.router
     if router is None:
         return []
@@ -71,7 +65,7 @@ def _unauthorised_egress(world: World, ctx: Context) -> list[str]:
 
 
 def egress_spf_findings(world: World, ctx: Context) -> Iterator[Finding]:
-    missing = _unauthorised_egress(world, ctx)
+    missing = unauthorised_egress(world, ctx)
     if missing and not world.onprem.retired:
         yield Finding(
             "MR006", f"tcp/25 from the office, onprem's own mail included (bounces, forwards, "

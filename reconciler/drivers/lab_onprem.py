@@ -33,6 +33,7 @@ from reconciler.drivers.postfix import (
     expand_params,
     format_map,
     forward_keys,
+    parse_domain_list,
     parse_main_cf,
     parse_map,
     parse_passwd,
@@ -223,9 +224,7 @@ class LabOnprem:
         return replace(space, stray_mail=stray_mail, other_accounts=other_accounts)
 
     def _local_names(self) -> tuple[str, ...]:
-        space = LabSpaceReader(self.layout.onprem, self.config_dir)
-        return space.read(self._params(), self.domain.lower(), uid_range=self.uid_range,
-                          own_tables=()).local_domains
+        return parse_domain_list(self._params()["mydestination"])[0]
 
     def _last_mail(self, now: datetime) -> datetime | None:
         """As on a real host: the log and its rotations, read back to the quiet period's
