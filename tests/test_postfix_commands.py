@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from reconciler.drivers.postfix import PostfixError, expand_params, parse_accounts, parse_map
+from reconciler.drivers.postfix import PostfixError, parse_accounts, parse_map
 from reconciler.drivers.postfix_host import POSTFIX_PROGRAMS, PROBE_WAITS, PostfixHost
 from reconciler.drivers.postfix_mailbox import MailboxSpec
+from reconciler.drivers.postfix_names import expand_params
 from reconciler.drivers.postfix_space import mailbox_homes
 from reconciler.model import Onprem
 from reconciler.transport import CommandResult

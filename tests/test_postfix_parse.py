@@ -19,18 +19,12 @@ import pytest
 
 from reconciler.drivers.postfix import (
     RECIPIENT_MAP,
-    SPACE_PARAMS,
     TRANSPORT_MAP,
     PostfixError,
-    expand_params,
-    first_name,
     format_map,
     forward_keys,
-    local_virtual_aliases,
     nexthop,
     parse_accounts,
-    parse_aliases,
-    parse_domain_list,
     parse_login_defs,
     parse_main_cf,
     parse_map,
@@ -38,19 +32,27 @@ from reconciler.drivers.postfix import (
     partial_forwards,
     points_at_rental,
     recipient_map_ref,
-    regexp_literals,
     relay_target,
     set_main_cf,
-    split_alias_members,
-    split_list,
-    table_ref,
     transport_map_ref,
     users_in_map,
-    virtual_domain_keys,
     with_map,
 )
 from reconciler.drivers.postfix_log import last_mail_seen
 from reconciler.drivers.postfix_mailbox import MailboxSpec, count_mailboxes, count_maildir
+from reconciler.drivers.postfix_names import (
+    SPACE_PARAMS,
+    expand_params,
+    first_name,
+    local_virtual_aliases,
+    parse_aliases,
+    parse_domain_list,
+    regexp_literals,
+    split_alias_members,
+    split_list,
+    table_ref,
+    virtual_domain_keys,
+)
 from reconciler.transport import LocalTransport
 
 FIXTURES = Path(__file__).parent / "fixtures" / "postfix"

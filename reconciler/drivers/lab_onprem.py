@@ -23,17 +23,14 @@ from reconciler import clock
 from reconciler.drivers.postfix import (
     DEFAULT_UID_RANGE,
     RECIPIENT_MAP,
-    SPACE_PARAMS,
     TRANSPORT_MAP,
     VIRTUAL_MAP,
     AddressSpace,
     PostfixError,
     PostfixFacts,
     edit_map,
-    expand_params,
     format_map,
     forward_keys,
-    parse_domain_list,
     parse_main_cf,
     parse_map,
     parse_passwd,
@@ -50,6 +47,7 @@ from reconciler.drivers.postfix import (
 from reconciler.drivers.postfix_host import ARCHIVE_INFIX, FALLBACK_PARAMS, REMOVED_LIST
 from reconciler.drivers.postfix_log import read_local_logs, rotations
 from reconciler.drivers.postfix_mailbox import count_maildir
+from reconciler.drivers.postfix_names import SPACE_PARAMS, expand_params, parse_domain_list
 from reconciler.drivers.postfix_space import SpaceReader
 from reconciler.lab.layout import LabLayout
 from reconciler.model import USER_NAME_RE

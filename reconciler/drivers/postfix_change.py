@@ -22,12 +22,12 @@ from typing import Final
 from reconciler.drivers.postfix import (
     PostfixError,
     edit_map,
-    expand_params,
     format_map,
     parse_main_cf,
     parse_map,
     with_map,
 )
+from reconciler.drivers.postfix_names import expand_params
 from reconciler.drivers.postfix_space import PostfixProgram, postfix_argv
 from reconciler.transport import (
     CommandResult,

@@ -86,7 +86,6 @@ from zoneinfo import ZoneInfo
 from reconciler import clock
 from reconciler.drivers.postfix import (
     RECIPIENT_MAP,
-    SPACE_PARAMS,
     TRANSPORT_MAP,
     VIRTUAL_MAP,
     PostfixError,
@@ -94,7 +93,6 @@ from reconciler.drivers.postfix import (
     format_map,
     forward_keys,
     parse_accounts,
-    parse_domain_list,
     parse_map,
     parse_passwd,
     partial_forwards,
@@ -120,6 +118,7 @@ from reconciler.drivers.postfix_log import (
     read_last_mail,
 )
 from reconciler.drivers.postfix_mailbox import MailboxSpec, count_mailboxes
+from reconciler.drivers.postfix_names import SPACE_PARAMS, parse_domain_list
 from reconciler.drivers.postfix_space import (
     POSTFIX_PROGRAMS as POSTFIX_PROGRAMS,  # re-exported: tests hold every command to it
 )

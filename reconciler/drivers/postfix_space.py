@@ -26,24 +26,26 @@ from typing import Final, Literal, get_args
 
 from reconciler.drivers.postfix import (
     DEFAULT_UID_RANGE,
-    DUMPABLE_TYPES,
-    REGEXP_TYPES,
     Account,
     AddressSpace,
     PostfixError,
+    parse_login_defs,
+    parse_map,
+)
+from reconciler.drivers.postfix_mailbox import MailboxSpec
+from reconciler.drivers.postfix_names import (
+    DUMPABLE_TYPES,
+    REGEXP_TYPES,
     first_name,
     local_virtual_aliases,
     parse_aliases,
     parse_domain_list,
-    parse_login_defs,
-    parse_map,
     regexp_literals,
     split_alias_members,
     split_list,
     table_ref,
     virtual_domain_keys,
 )
-from reconciler.drivers.postfix_mailbox import MailboxSpec
 from reconciler.model import USER_NAME_RE
 from reconciler.transport import (
     CommandResult,

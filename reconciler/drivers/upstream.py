@@ -41,7 +41,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
-from reconciler.drivers.postfix import is_hostname, parse_main_cf
+from reconciler.drivers.postfix import parse_main_cf
+from reconciler.drivers.postfix_names import is_hostname
 from reconciler.drivers.postfix_space import postfix_argv
 from reconciler.drivers.upstream_route import (
     RELAY_PARAMS,

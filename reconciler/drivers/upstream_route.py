@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from reconciler.drivers.postfix import split_list, table_ref
+from reconciler.drivers.postfix_names import split_list, table_ref
 
 # Everything trivial-rewrite(8) and smtpd(8) consult to decide where the domain's mail goes.
 RELAY_PARAMS: Final = (
