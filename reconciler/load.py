@@ -15,7 +15,7 @@ import hashlib
 import os
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -28,7 +28,7 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 
-from reconciler import yaml_guard
+from reconciler import yaml_fast, yaml_guard
 from reconciler.model import FIELD_ERROR, DesiredState
 from reconciler.yaml_guard import MAX_ALIAS_NODES as MAX_ALIAS_NODES  # re-exported (was here)
 from reconciler.yaml_guard import MAX_DEPTH as MAX_DEPTH  # re-exported (was defined here)
@@ -109,7 +109,34 @@ def _compose_and_construct(text: str, name: str) -> Any:
         node = yaml_guard.compose(yaml, text)
     except LimitExceeded as exc:
         raise StateError([Problem(name, exc.line, exc.column, "", exc.message)]) from None
-    return yaml.constructor.construct_document(node) if node is not None else None
+    if node is None:
+        return None
+    complex_key = _complex_key(node)
+    if complex_key is not None:
+        mark = complex_key.start_mark
+        raise StateError([Problem(name, mark.line + 1, mark.column + 1, "",
+                                  "a key must be a plain value, not a mapping or a list")])
+    return yaml.constructor.construct_document(node)
+
+
+def _complex_key(root: Node) -> Node | None:
+    """The first mapping key that is itself a mapping or a list (`? {a: 1}`), which no state
+    has and ruamel cannot construct."""
+    stack = [root]
+    seen: set[int] = set()  # an aliased node is one object: visit it once
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                if isinstance(key, MappingNode | SequenceNode):
+                    return key
+                stack.append(value)
+        elif isinstance(node, SequenceNode):
+            stack.extend(node.value)
+    return None
 
 
 def _parse(text: str, name: str) -> Any:
@@ -326,6 +353,71 @@ def load_texts(texts: list[tuple[str, str]]) -> tuple[DesiredState, str]:
 
 
 def _load_texts(texts: list[tuple[str, str]]) -> tuple[DesiredState, str, Sources]:
+    """The fast path when it can prove the same meaning (`yaml_fast`), else -- and for every
+    error, so messages always come from one place -- the line-numbered round-trip parse."""
+    fast = _load_texts_fast(texts)
+    if fast is not None:
+        return fast
+    return _load_texts_exact(texts)
+
+
+def _load_texts_fast(texts: list[tuple[str, str]]) -> tuple[DesiredState, str, Sources] | None:
+    """None on anything but a valid state: the exact path then finds and words the errors."""
+    merged: dict[str, Any] = {}
+    owner: dict[str, int] = {}  # top-level key -> index of its file in texts
+    parsed: dict[int, Any] = {}  # files the fast path declined, parsed the exact way
+    digest = hashlib.sha256()
+    for index, (name, text) in enumerate(texts):
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+        doc = yaml_fast.fast_load(text)
+        if doc is None:
+            try:
+                doc = _parse(text, name)
+            except StateError:
+                return None
+            if not isinstance(doc, CommentedMap):
+                return None
+            parsed[index] = doc
+        for key in doc:
+            if not isinstance(key, str) or key in merged:
+                return None
+            merged[key] = doc[key]
+            owner[key] = index
+    if not merged:
+        return None
+    try:
+        state = DesiredState.model_validate(_plain(merged))
+    except ValidationError:
+        return None
+    return state, digest.hexdigest(), _LazySources(texts, owner, parsed)
+
+
+class _LazySources(Mapping[str, tuple[str, Any]]):
+    """The `Sources` of a state read the fast way: positions exist only in ruamel's documents,
+    so a file is parsed the exact way the first time a place in it is asked for (a finding
+    naming file:line), never on the common path."""
+
+    def __init__(self, texts: list[tuple[str, str]], owner: dict[str, int],
+                 parsed: dict[int, Any]) -> None:
+        self._texts = texts
+        self._owner = owner
+        self._parsed = dict(parsed)
+
+    def __getitem__(self, key: str) -> tuple[str, Any]:
+        index = self._owner[key]
+        name, text = self._texts[index]
+        if index not in self._parsed:
+            self._parsed[index] = _parse(text, name)
+        return name, self._parsed[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._owner)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+
+def _load_texts_exact(texts: list[tuple[str, str]]) -> tuple[DesiredState, str, Sources]:
     merged: dict[str, Any] = {}
     sources: dict[str, tuple[str, Any]] = {}
     problems: list[Problem] = []
