@@ -179,8 +179,13 @@ def reconcile(
             if progress:
                 progress(step.id, "ok")
             world = observed
-        _, report.final = observe_and_plan(loaded, backend, journal, clock(),
-                                           allow_bulk=allow_bulk)
+        if report.outcomes:
+            _, report.final = observe_and_plan(loaded, backend, journal, clock(),
+                                               allow_bulk=allow_bulk)
+        else:
+            # Nothing was applied or recorded since this round observed and planned: the
+            # plan is the final one (a daemon round on an unchanged world observes once).
+            report.final = plan
         _spend_acks(journal, report.final, clock())
         return report
 

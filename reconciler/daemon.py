@@ -26,7 +26,7 @@ from reconciler import clock
 from reconciler.apply import reconcile
 from reconciler.journal import Journal, LockedError
 from reconciler.lab.layout import LabLayout
-from reconciler.load import LoadedState, StateError, load_from_git, load_state
+from reconciler.load import LoadedState, StateError, load_from_git, load_state, state_files
 from reconciler.plan import Status
 
 log = logging.getLogger("mailrec.daemon")
@@ -66,6 +66,9 @@ class Daemon:
         self.stop = threading.Event()
         self.failures = 0
         self._loaded_fingerprint: str | None = None
+        # The parsed and validated state of the last round, by what it was read from (the
+        # commit, or the files' digest): an unchanged state is not parsed again.
+        self._loaded: tuple[str, LoadedState] | None = None
 
     # --- source of the desired state ------------------------------------------------------
 
@@ -93,21 +96,34 @@ class Daemon:
         path = self._state_path()
         digest = hashlib.sha256()
         try:
-            files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
-            for file in files:
-                digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
-        except OSError:
+            # The files and the digest exactly as `load_state` reads them: equal to the
+            # loaded state's digest when the bytes read are these.
+            for file in state_files(path):
+                digest.update(str(file).encode() + b"\0" + file.read_bytes() + b"\0")
+        except (OSError, StateError):
             return None
         return digest.hexdigest()
 
     def load(self) -> LoadedState:
         if self.repo is None:
-            return load_state(self._state_path())
-        import git
+            key = self._fingerprint()
+            if key is not None and self._loaded is not None and self._loaded[0] == key:
+                return self._loaded[1]
+            loaded = load_state(self._state_path())
+            if loaded.digest != key:
+                return loaded  # edited while being read: not cached
+        else:
+            import git
 
-        target = self._checkout()
-        ref = git.Repo(target).remotes.origin.refs[self.branch].commit.hexsha
-        return load_from_git(target, ref, self.subpath)
+            target = self._checkout()
+            ref = git.Repo(target).remotes.origin.refs[self.branch].commit.hexsha
+            key = f"{ref}:{self.subpath}"
+            if self._loaded is not None and self._loaded[0] == key:
+                return self._loaded[1]
+            loaded = load_from_git(target, ref, self.subpath)
+        if key is not None:
+            self._loaded = (key, loaded)
+        return loaded
 
     # --- one round ---------------------------------------------------------------------------
 

@@ -273,3 +273,76 @@ def test_an_unreachable_repo_is_an_error_outcome_not_a_crash(
     assert daemon.failures == 1  # the next wait backs off
     assert metric(daemon, "mailrec_reconcile_total", result="error") == 1
     assert tree_digest(daemon_lab.root) == before
+
+
+def test_an_unchanged_commit_is_not_parsed_again_and_a_new_one_is(
+    config_repo: ConfigRepo, daemon_lab: LabLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import reconciler.daemon as daemon_module
+
+    parsed: list[str] = []
+    real = daemon_module.load_from_git
+
+    def counting(repo: Path, ref: str, subpath: str = "state") -> object:
+        parsed.append(ref)
+        return real(repo, ref, subpath)
+
+    monkeypatch.setattr(daemon_module, "load_from_git", counting)
+    daemon = make_daemon(config_repo, daemon_lab)
+    assert daemon.run(once=True) == 0
+    assert daemon.run(once=True) == 0
+    assert len(parsed) == 1  # the second round reused the first round's state
+
+    set_users(config_repo.state_dir, suga=("rental", "onprem"))
+    sha = config_repo.push("Move suga's inbound mail to the rental")
+    assert daemon.run(once=True) == 0
+    assert parsed[-1] == sha and len(parsed) == 2
+    assert "suga@example.co.jp" in managed_map(daemon_lab, TRANSPORT_MAP)
+
+
+def test_a_state_directory_is_parsed_again_only_when_its_bytes_change(
+    daemon_lab: LabLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import reconciler.daemon as daemon_module
+
+    parsed: list[Path] = []
+    real = daemon_module.load_state
+
+    def counting(path: Path) -> object:
+        parsed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(daemon_module, "load_state", counting)
+    daemon = make_daemon(None, daemon_lab)
+    assert daemon.run(once=True) == 0
+    assert daemon.run(once=True) == 0
+    assert len(parsed) == 1
+
+    set_users(daemon_lab.root / "state", suga=("rental", "onprem"))
+    assert daemon.run(once=True) == 0
+    assert len(parsed) == 2
+    assert "suga@example.co.jp" in managed_map(daemon_lab, TRANSPORT_MAP)
+    # moved back: a different state again, read again
+    set_users(daemon_lab.root / "state", suga=("onprem", "onprem"))
+    assert daemon.run(once=True) in (0, 1)
+    assert len(parsed) == 3
+
+
+def test_a_round_with_nothing_to_apply_observes_the_world_once(
+    config_repo: ConfigRepo, daemon_lab: LabLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reconciler.drivers.backend import SystemBackend
+
+    daemon = make_daemon(config_repo, daemon_lab)
+    assert daemon.run(once=True) == 0  # applies the router steps: in sync afterwards
+    observed: list[object] = []
+    real = SystemBackend.observe
+
+    def counting(self: SystemBackend, *args: object, **kwargs: object) -> object:
+        observed.append(args)
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SystemBackend, "observe", counting)
+    assert daemon.run(once=True) == 0
+    assert len(observed) == 1
+    assert metric(daemon, "mailrec_in_sync") == 1
