@@ -11,30 +11,20 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+# Only click and light modules at module level: `mailrec --help` and `validate` must not pay
+# for the planner, the drivers or their protocol libraries (paramiko, dnspython, gitpython,
+# rich). Each command imports the machinery it uses (issue 9; tests/test_imports.py).
 from reconciler import clock
-from reconciler.apply import StalePlanError, context_for, observe_and_plan, reconcile
 from reconciler.cli_lab import lab
-from reconciler.findings import RULES
-from reconciler.journal import Journal, LockedError
 from reconciler.lab.layout import LabLayout
-from reconciler.load import LoadedState, StateError, load_from_git, load_state
-from reconciler.model import DesiredState
-from reconciler.observe import JournalView
-from reconciler.plan import Status
-from reconciler.render import (
-    render_json,
-    render_markdown,
-    render_status_json,
-    render_status_text,
-    render_text,
-)
-from reconciler.safety import check_transition
-from reconciler.secrets import describe_secret
-from reconciler.static import static_findings
+
+if TYPE_CHECKING:
+    from reconciler.journal import Journal
+    from reconciler.load import LoadedState
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,6 +60,8 @@ def _resolve_state_path(state_path: Path | None, lab: LabLayout | None) -> Path:
 
 
 def _load(state_path: Path | None, lab_dir: Path | None) -> tuple[LoadedState, LabLayout | None]:
+    from reconciler.load import StateError, load_state
+
     lab = LabLayout(lab_dir.resolve()) if lab_dir else None
     try:
         loaded = load_state(_resolve_state_path(state_path, lab))
@@ -83,6 +75,8 @@ def _journal_dir(loaded: LoadedState, lab: LabLayout | None) -> Path:
 
 
 def _journal(loaded: LoadedState, lab: LabLayout | None) -> Journal:
+    from reconciler.journal import Journal
+
     return Journal(_journal_dir(loaded, lab))
 
 
@@ -118,6 +112,9 @@ def _clock(lab: LabLayout | None) -> clock.Clock:
 def _connected(loaded: LoadedState, lab: LabLayout | None) -> Iterator[tuple[Any, Journal]]:
     """The backend and the journal of a command that changes something (apply, ack): both
     closed at the end, and their failures turned into exit 1 with the reason."""
+    from reconciler.apply import StalePlanError
+    from reconciler.journal import LockedError
+
     backend = _backend(loaded, lab)
     journal = _journal(loaded, lab)
     try:
@@ -132,6 +129,9 @@ def _connected(loaded: LoadedState, lab: LabLayout | None) -> Iterator[tuple[Any
 
 
 def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = False) -> Any:
+    from reconciler.apply import observe_and_plan
+    from reconciler.journal import Journal
+
     now = _clock(lab)()
     backend = _backend(loaded, lab)
     journal = Journal.existing(_journal_dir(loaded, lab))  # a dry run writes nothing
@@ -207,6 +207,9 @@ def cli(ctx: click.Context, clock_override: bool) -> None:
 @state_option
 def validate(state_path: Path | None, lab_dir: Path | None) -> None:
     """Check the state file: schema, then static findings (MR012). Exit 0, 1 or 3."""
+    from reconciler.secrets import describe_secret
+    from reconciler.static import static_findings
+
     loaded, _ = _load(state_path, lab_dir)
     findings = static_findings(loaded.state, locate=loaded.locate)
     for finding in findings:
@@ -236,6 +239,8 @@ def validate(state_path: Path | None, lab_dir: Path | None) -> None:
 def plan(state_path: Path | None, lab_dir: Path | None, fmt: str, out: Path | None,
          git_base: str | None, git_head: str | None, allow_bulk: bool) -> None:
     """Show what apply would change (a dry run). Exit 0 in sync, 2 pending, 3 refused."""
+    from reconciler.render import render_json, render_markdown, render_text
+
     if git_head or git_base:
         loaded, lab = _load_git_pair(state_path, lab_dir, git_base, git_head)
     else:
@@ -257,6 +262,8 @@ def _load_git_pair(state_path: Path | None, lab_dir: Path | None, base: str | No
                    head: str | None) -> tuple[LoadedState, LabLayout | None]:
     """A PR plan: the head commit's state against the observed world. The base commit is
     validated too, so a PR that fixes a broken base still shows what it does."""
+    from reconciler.load import StateError, load_from_git
+
     lab = LabLayout(lab_dir.resolve()) if lab_dir else None
     path = _resolve_state_path(state_path, lab).resolve()
     try:
@@ -281,6 +288,10 @@ def _load_git_pair(state_path: Path | None, lab_dir: Path | None, base: str | No
 def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None, yes: bool,
           allow_bulk: bool) -> None:
     """Apply the ready steps (of PLAN_FILE if given, refused when stale), verify each, journal."""
+    from reconciler.apply import observe_and_plan, reconcile
+    from reconciler.plan import Status
+    from reconciler.render import render_text
+
     loaded, lab = _load(state_path, lab_dir)
     saved = None
     if plan_file is not None:
@@ -324,6 +335,9 @@ def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None,
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
     """Per resource: in sync / pending / gated / refused / drifted."""
+    from reconciler.journal import Journal
+    from reconciler.render import render_status_json, render_status_text
+
     loaded, lab = _load(state_path, lab_dir)
     world, the_plan = _observe(loaded, lab)
     journal = Journal.existing(_journal_dir(loaded, lab))
@@ -355,6 +369,11 @@ def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) 
 
 def _record_ack(loaded: LoadedState, backend: Any, journal: Journal, run_clock: clock.Clock,
                 step_id: str, note: str) -> None:
+    from reconciler.apply import context_for, observe_and_plan
+    from reconciler.observe import JournalView
+    from reconciler.plan import Status
+    from reconciler.safety import check_transition
+
     view = JournalView.read(journal)
     # One person confirming one change is never a bulk move (MR011 guards automated moves).
     world, the_plan = observe_and_plan(loaded, backend, journal, run_clock(), allow_bulk=True)
@@ -400,6 +419,8 @@ def lab_accepted(func: F) -> F:
 @lab_accepted
 def schema(lab_dir: Path | None) -> None:
     """Print the JSON Schema of the state file (for editor completion)."""
+    from reconciler.model import DesiredState
+
     click.echo(json.dumps(DesiredState.model_json_schema(), indent=2))
 
 
@@ -407,6 +428,8 @@ def schema(lab_dir: Path | None) -> None:
 @lab_accepted
 def rules(lab_dir: Path | None) -> None:
     """List the safety rules (MR codes)."""
+    from reconciler.findings import RULES
+
     for code, text in RULES.items():
         click.echo(f"{code}  {text}")
 

@@ -10,7 +10,6 @@ from typing import NoReturn
 import click
 
 from reconciler.lab.layout import LabLayout
-from reconciler.load import StateError, load_state
 
 
 class LabFailure(click.ClickException):
@@ -39,6 +38,7 @@ def lab_init(directory: Path, from_state: Path | None, state_path: Path | None,
              force: bool) -> None:
     """Create a lab in DIRECTORY."""
     from reconciler.lab.init import LabInitError, init_lab
+    from reconciler.load import StateError, load_state
 
     source = from_state or state_path or Path("state")
     try:

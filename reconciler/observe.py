@@ -17,13 +17,11 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import immutables
 
-from reconciler.drivers.dns import DnsRecords
-from reconciler.drivers.postfix import AddressSpace, PostfixFacts, relay_target
-from reconciler.drivers.rental.base import RentalSnapshot
-from reconciler.drivers.upstream import UpstreamFacts
+from reconciler.drivers.postfix import relay_target  # pure: no protocol library
 from reconciler.journal import Journal
 from reconciler.model import DesiredState, Side
 from reconciler.world import (
@@ -39,6 +37,12 @@ from reconciler.world import (
     UserFacts,
     World,
 )
+
+if TYPE_CHECKING:  # annotations only: importing these drivers loads dnspython and paramiko
+    from reconciler.drivers.dns import DnsRecords
+    from reconciler.drivers.postfix import AddressSpace, PostfixFacts
+    from reconciler.drivers.rental.base import RentalSnapshot
+    from reconciler.drivers.upstream import UpstreamFacts
 
 # Observations an apply writes to the journal (kind "observe"), for the gates to count from:
 BASELINE = "mailrec/baseline"  # the first apply saw no migration: everyone sent via onprem

@@ -12,22 +12,22 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+# The zone file (the lab) needs only these; the protocol modules of RFC 2136 (query, message,
+# update, TSIG) are imported by `Rfc2136Dns` when it talks to a server.
 import dns.exception
-import dns.message
 import dns.name
-import dns.query
 import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
-import dns.resolver
-import dns.rrset
-import dns.tsig
-import dns.tsigkeyring
-import dns.update
 import dns.zone
+
+if TYPE_CHECKING:
+    import dns.rrset
+    import dns.update
 
 _PREREQUISITE_FAILED = (
     dns.rcode.NXRRSET, dns.rcode.YXRRSET, dns.rcode.NXDOMAIN, dns.rcode.YXDOMAIN
@@ -163,6 +163,8 @@ class Rfc2136Dns:
         self, server: str, port: int, domain: str, key_name: str, algorithm: str, secret: str,
         *, timeout: float = 5.0,
     ) -> None:
+        import dns.tsigkeyring
+
         self.server, self.port, self.timeout = server, port, timeout
         self.origin = dns.name.from_text(domain)
         self.keyring = dns.tsigkeyring.from_text({key_name: (algorithm, secret)})
@@ -170,6 +172,9 @@ class Rfc2136Dns:
         self.algorithm = dns.name.from_text(algorithm)
 
     def _query(self, rdtype: dns.rdatatype.RdataType) -> dns.rrset.RRset | None:
+        import dns.message
+        import dns.query
+
         message = dns.message.make_query(self.origin, rdtype)
         try:
             response = dns.query.tcp(message, self.server, port=self.port, timeout=self.timeout)
@@ -189,6 +194,9 @@ class Rfc2136Dns:
         return records_from(self._query(dns.rdatatype.MX), self._query(dns.rdatatype.TXT), soa)
 
     def _send(self, update: dns.update.UpdateMessage, what: str) -> None:
+        import dns.query
+        import dns.tsig
+
         where = f"{self.server}:{self.port}"
         try:
             response = dns.query.tcp(update, self.server, port=self.port, timeout=self.timeout)
@@ -215,6 +223,8 @@ class Rfc2136Dns:
         )
 
     def _update(self) -> dns.update.UpdateMessage:
+        import dns.update
+
         return dns.update.UpdateMessage(
             self.origin, keyring=self.keyring, keyname=self.key_name, keyalgorithm=self.algorithm
         )

@@ -20,9 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reconciler.lab.init import ADDRESSES
 from reconciler.lab.layout import LabLayout
-from reconciler.lab.office import write_lines
 
 
 class LabServiceError(RuntimeError):
@@ -80,6 +78,11 @@ def _rtx_host_key(layout: LabLayout, host: str, port: int) -> Path:
 
 
 def start_services(layout: LabLayout) -> dict[str, str]:
+    # Here, not at the top: `lab down` and the lab's RTX driver need neither (nor the
+    # drivers and the model that `lab.init` and `lab.office` import).
+    from reconciler.lab.init import ADDRESSES
+    from reconciler.lab.office import write_lines
+
     if not layout.exists():
         raise LabServiceError(f"{layout.root} is not a lab (run: mailrec lab init)")
     if layout.read_services():
