@@ -92,15 +92,16 @@ def made_lab(tmp_path: Path) -> Path:
     return lab
 
 
-def test_a_lab_plan_imports_no_git_and_no_rfc2136_client(tmp_path: Path) -> None:
+def test_a_lab_plan_imports_no_git_no_ssh_and_no_rfc2136_client(tmp_path: Path) -> None:
     lab = made_lab(tmp_path)
     code, out, modules = run_fresh(tmp_path, "plan", "--lab", str(lab))
     assert code == 2 and "step(s)" in out, out
     assert "reconciler.drivers.backend" in modules and "dns.zone" in modules  # it observed
     # The lab's DNS is a zone file: no DNS client (queries, updates, TSIG keys, resolver);
-    # no git without --git-base/--git-head.
+    # no git without --git-base/--git-head; no SSH: every lab system is local files.
     assert loaded(modules, "git", "dns.query", "dns.message", "dns.update", "dns.tsigkeyring",
-                  "dns.resolver", "reconciler.daemon") == []
+                  "dns.resolver", "reconciler.daemon", "paramiko", "invoke", "cryptography",
+                  "reconciler.transport_ssh", "reconciler.drivers.rtx.session") == []
 
 
 def test_lab_down_imports_no_driver_and_no_model(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from reconciler.model import Connect
 from reconciler.transport import (
     HostKeyError,
     LocalTransport,
-    SshTransport,
     Transport,
     TransportError,
     UnsafePathError,
@@ -23,6 +22,7 @@ from reconciler.transport import (
     quote_argv,
     safe_path,
 )
+from reconciler.transport_ssh import SshTransport
 
 from .services import Sshd
 

@@ -7,43 +7,7 @@ policy  -- desired `SmtpRoute` -> minimal, MR009-ordered command list; the plann
 queries -- what each filter does to the office's SMTP traffic; which lines use a filter number
 session -- one SSH CLI session (prompts, pager, administrator, save question, errors)
 driver  -- `RtxDriver.observe()` / `.apply()` and `RouterFacts` for the core
+
+Import from the submodules: the package re-exports nothing, so reading a router's saved
+config (`config`, `queries`) does not load paramiko (`session`).
 """
-
-from reconciler.drivers.rtx.config import RtxConfig, RtxSyntaxError
-from reconciler.drivers.rtx.driver import RouterFacts, RtxDriver, router_facts
-from reconciler.drivers.rtx.policy import (
-    RtxPolicyError,
-    SmtpRoute,
-    filter_step_commands,
-    plan_commands,
-    route_step_commands,
-)
-from reconciler.drivers.rtx.queries import filter_references, filter_verdict, filter_verdicts
-from reconciler.drivers.rtx.session import (
-    RtxAuthError,
-    RtxCommandError,
-    RtxConnectionError,
-    RtxError,
-    RtxHostKeyError,
-)
-
-__all__ = [
-    "RouterFacts",
-    "RtxAuthError",
-    "RtxCommandError",
-    "RtxConfig",
-    "RtxConnectionError",
-    "RtxDriver",
-    "RtxError",
-    "RtxHostKeyError",
-    "RtxPolicyError",
-    "RtxSyntaxError",
-    "SmtpRoute",
-    "filter_references",
-    "filter_step_commands",
-    "filter_verdict",
-    "filter_verdicts",
-    "plan_commands",
-    "route_step_commands",
-    "router_facts",
-]
