@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import posixpath
+import re
 import secrets
 import shlex
 import subprocess
@@ -103,6 +104,9 @@ def quote_argv(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(arg) for arg in check_argv(argv))
 
 
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def safe_path(path: str) -> str:
     """Return `path` if it is safe to hand to a remote command or file operation, else raise.
 
@@ -112,7 +116,7 @@ def safe_path(path: str) -> str:
     """
     if not isinstance(path, str) or not path:
         raise UnsafePathError(f"{path!r} is not a path")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
+    if _CONTROL_CHARACTER.search(path):
         raise UnsafePathError(f"{path!r} contains control characters")
     if not path.startswith("/"):
         raise UnsafePathError(f"{path!r} is not an absolute path")

@@ -7,8 +7,10 @@ In its own module so that only a command that really connects somewhere imports 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import select
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -146,6 +148,12 @@ class SshTransport(Transport):
         transport = client.get_transport()
         if transport is not None:
             transport.set_keepalive(30)  # a daemon keeps this connection for hours
+            # Each command is a few small packets each way: without TCP_NODELAY, Nagle's
+            # algorithm and delayed ACKs add ~40 ms to every channel opened (measured).
+            sock = transport.sock
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._client = client
         log.debug("%s: connected", self.host)
 
