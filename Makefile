@@ -32,10 +32,12 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-## bench: observe/plan in one process (plan_bench.py), then whole mailrec processes vs the goals (process_bench.py)
+## bench: observe/plan in one process (plan_bench.py), whole mailrec processes vs the goals
+## (process_bench.py), daemon rounds on an unchanged and a new commit (daemon_bench.py)
 bench: setup
 	$(BIN)/python bench/plan_bench.py
 	$(BIN)/python bench/process_bench.py
+	$(BIN)/python bench/daemon_bench.py
 
 clean:
 	rm -rf $(VENV) $(LAB) .mypy_cache .ruff_cache
