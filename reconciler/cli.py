@@ -128,7 +128,9 @@ def _connected(loaded: LoadedState, lab: LabLayout | None) -> Iterator[tuple[Any
         journal.close()
 
 
-def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = False) -> Any:
+def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = False,
+             costs: list[Any] | None = None) -> Any:
+    """Observe and plan; with `costs`, what reading each system took is appended to it."""
     from reconciler.apply import observe_and_plan
     from reconciler.journal import Journal
 
@@ -140,6 +142,8 @@ def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = F
     except (OSError, RuntimeError, ValueError) as exc:
         fail(f"cannot observe: {exc}")
     finally:
+        if costs is not None:
+            costs.extend(backend.last_costs)
         backend.close()
         if journal is not None:
             journal.close()
@@ -236,16 +240,38 @@ def validate(state_path: Path | None, lab_dir: Path | None) -> None:
 @click.option("--git-base", default=None, help="Compare the state at this ref ...")
 @click.option("--git-head", default=None, help="... with the state at this ref (a PR).")
 @click.option("--allow-bulk", is_flag=True, help="Plan as if applying with --allow-bulk.")
+@click.option("--timings", is_flag=True,
+              help="Also print, on stderr, what each phase took and the round trips each "
+                   "system's observation cost.")
 def plan(state_path: Path | None, lab_dir: Path | None, fmt: str, out: Path | None,
-         git_base: str | None, git_head: str | None, allow_bulk: bool) -> None:
+         git_base: str | None, git_head: str | None, allow_bulk: bool, timings: bool) -> None:
     """Show what apply would change (a dry run). Exit 0 in sync, 2 pending, 3 refused."""
-    from reconciler.render import render_json, render_markdown, render_text
+    import time
 
+    started = time.perf_counter()
     if git_head or git_base:
         loaded, lab = _load_git_pair(state_path, lab_dir, git_base, git_head)
     else:
         loaded, lab = _load(state_path, lab_dir)
-    _, the_plan = _observe(loaded, lab, allow_bulk=allow_bulk)
+    read = time.perf_counter()
+    costs: list[Any] = []
+    _, the_plan = _observe(loaded, lab, allow_bulk=allow_bulk, costs=costs)
+    planned = time.perf_counter()
+    _render_plan(the_plan, loaded, fmt, out, git_base, git_head)
+    if timings:
+        observed = sum(cost.seconds for cost in costs)
+        lines = [f"{'read the state':<24} {read - started:8.3f} s",
+                 *(cost.text() for cost in costs),
+                 f"{'plan':<24} {planned - read - observed:8.3f} s",
+                 f"{'render':<24} {time.perf_counter() - planned:8.3f} s"]
+        click.echo("timings:\n" + "\n".join(f"  {line}" for line in lines), err=True)
+    sys.exit(the_plan.exit_code)
+
+
+def _render_plan(the_plan: Any, loaded: LoadedState, fmt: str, out: Path | None,
+                 git_base: str | None, git_head: str | None) -> None:
+    from reconciler.render import render_json, render_markdown, render_text
+
     if fmt == "json":
         _emit(render_json(the_plan), out)
     elif fmt == "markdown":
@@ -255,7 +281,6 @@ def plan(state_path: Path | None, lab_dir: Path | None, fmt: str, out: Path | No
         _emit(render_markdown(the_plan, title), out)
     else:
         _emit(render_text(the_plan, color=_color() and out is None), out)
-    sys.exit(the_plan.exit_code)
 
 
 def _load_git_pair(state_path: Path | None, lab_dir: Path | None, base: str | None,

@@ -241,3 +241,27 @@ def test_drift_in_mailrecs_own_map_is_seen_and_repaired_on_real_postfix(
     assert f"{moving}@{DOMAIN}\t{target}" in dump
     assert send(onprem, f"{moving}@{DOMAIN}", "drift-repaired")[0] == 250
     wait_for([onprem.rental_maildir(moving)], "drift-repaired")
+
+
+def test_plan_timings_show_round_trips_per_host_that_do_not_grow_with_users(
+    onprem: OnpremStack, named: NamedServer, tmp_path: Path
+) -> None:
+    import re
+
+    few = onprem.users.create(2)
+    more = [*few, *onprem.users.create(6)]
+    counts = []
+    for users in (few, more):
+        state = write_state(tmp_path / f"state-{len(users)}", onprem, named,
+                            dict.fromkeys(users, "onprem"))
+        planned = run_cli("plan", "--state", str(state), "--timings", env=ssh_env(onprem))
+        # (Users other tests moved are not in this state: the plan may refuse; the timings
+        # are what is looked at here.)
+        assert planned.exit_code in (0, 2, 3), planned.stderr
+        assert "timings:" not in planned.output  # stdout is the plan alone
+        line = next(line for line in planned.stderr.splitlines()
+                    if line.strip().startswith("onprem"))
+        found = re.search(r"(\d+) round trip", line)
+        assert found is not None, planned.stderr
+        counts.append(int(found.group(1)))
+    assert counts[0] == counts[1] > 0, counts

@@ -446,3 +446,13 @@ def test_plan_out_into_a_missing_directory_is_an_error(lab: LabLayout, tmp_path:
     result = run_cli("plan", "--lab", str(lab.root), "--out", str(tmp_path / "no" / "plan.txt"))
     assert result.exit_code == EXIT_ERROR
     assert "cannot write" in result.stderr
+
+
+def test_plan_timings_go_to_stderr_and_leave_the_plan_unchanged(lab: LabLayout) -> None:
+    plain = run_cli("plan", "--lab", str(lab.root))
+    timed = run_cli("plan", "--lab", str(lab.root), "--timings")
+    assert timed.exit_code == plain.exit_code == 2
+    assert timed.output == plain.output
+    systems = [line.split()[0] for line in timed.stderr.splitlines()[1:]]
+    assert systems[:1] == ["read"] and systems[-2:] == ["plan", "render"]
+    assert {"onprem", "rental", "dns", "router"} <= set(systems)

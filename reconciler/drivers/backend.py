@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import time
 import weakref
 from dataclasses import dataclass
 from datetime import datetime
@@ -96,6 +97,47 @@ class _Relay:
     unreadable: str = ""
 
 
+@dataclass(frozen=True)
+class ObservationCost:
+    """What reading one system took in the last observation: for `mailrec plan --timings`
+    (and the bench), to show that the round trips per host do not grow with the users."""
+
+    system: str  # onprem | rental | dns | router | relay <host>
+    seconds: float
+    round_trips: int | None  # commands + file reads over its transport; None: no transport
+
+    def text(self) -> str:
+        trips = "-" if self.round_trips is None else str(self.round_trips)
+        return f"{self.system:<24} {self.seconds:8.3f} s  {trips:>4} round trip(s)"
+
+
+def _transport_of(driver: object) -> Transport | None:
+    """The transport a driver already opened, if any (never opens one)."""
+    for name in ("transport", "_transport"):
+        candidate = vars(driver).get(name) if hasattr(driver, "__dict__") else None
+        if isinstance(candidate, Transport):
+            return candidate
+    return None
+
+
+class _Timed:
+    """Times one system's read and counts its transport's round trips meanwhile."""
+
+    def __init__(self, costs: list[ObservationCost], system: str, driver: object) -> None:
+        self.costs, self.system, self.driver = costs, system, driver
+
+    def __enter__(self) -> None:
+        transport = _transport_of(self.driver)
+        self.trips = transport.round_trips if transport is not None else 0
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self.start
+        transport = _transport_of(self.driver)
+        trips = transport.round_trips - self.trips if transport is not None else None
+        self.costs.append(ObservationCost(self.system, elapsed, trips))
+
+
 def _env_str(name: str) -> str | None:
     value = os.environ.get(name, "").strip()
     return value or None
@@ -117,6 +159,7 @@ class SystemBackend:
     ) -> None:
         self.state = state
         self.lab = lab
+        self.last_costs: tuple[ObservationCost, ...] = ()  # of the last observe()
         self.onprem: OnpremDriver
         # Relays in front of onprem; the lab has none (its MX is onprem itself).
         self.relays: list[_Relay] = []
@@ -264,13 +307,21 @@ class SystemBackend:
     def read_parts(
         self, now: datetime
     ) -> tuple[PostfixFacts, RentalSnapshot, DnsRecords, object]:
-        postfix = self.onprem.observe(now)
+        costs: list[ObservationCost] = []
+        with _Timed(costs, "onprem", self.onprem):
+            postfix = self.onprem.observe(now)
         if self.lab is not None and isinstance(self.rental, ManualProvider):
             # The lab network knows which line the office's probe leaves through now.
             self.rental.probe_egress_ip = office_seen_as(self.lab)
-        rental = self.rental.observe()
-        records = self.dns.observe()
-        router = self.router.observe() if self.router else None
+        with _Timed(costs, "rental", self.rental):
+            rental = self.rental.observe()
+        with _Timed(costs, "dns", self.dns):
+            records = self.dns.observe()
+        router = None
+        if self.router:
+            with _Timed(costs, "router", self.router):
+                router = self.router.observe()
+        self.last_costs = tuple(costs)
         return postfix, rental, records, router
 
     def read_upstream(self) -> tuple[UpstreamFacts, ...]:
@@ -278,11 +329,14 @@ class SystemBackend:
         drivers/upstream.py). None in the lab."""
         if self.lab is not None:
             return ()
-        return tuple(
-            relay_facts(relay.config, self.state.domain, relay.reader,
-                        unreadable=relay.unreadable)
-            for relay in self.relays
-        )
+        facts = []
+        costs: list[ObservationCost] = []
+        for relay in self.relays:
+            with _Timed(costs, f"relay {relay.config.host}", relay):
+                facts.append(relay_facts(relay.config, self.state.domain, relay.reader,
+                                         unreadable=relay.unreadable))
+        self.last_costs = (*self.last_costs, *costs)
+        return tuple(facts)
 
     def observe(self, now: datetime, view: JournalView) -> World:
         postfix, rental, records, router = self.read_parts(now)
