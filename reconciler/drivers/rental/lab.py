@@ -228,17 +228,19 @@ def read_passwd(path: Path) -> dict[str, str]:
     return users
 
 
-def count_messages(maildir: Path) -> int:
-    """Messages held in a Maildir (new + cur); a missing Maildir holds none."""
+def count_messages(maildir: Path | str) -> int:
+    """Messages held in a Maildir (new + cur); a missing Maildir holds none. (Plain string
+    paths: at 10,000 mailboxes, pathlib's joins cost more than the directory reads.)"""
     total = 0
+    base = os.fspath(maildir)
     for sub in MESSAGE_SUBDIRS:
+        directory = f"{base}/{sub}"
         try:
-            with os.scandir(maildir / sub) as entries:
-                total += sum(1 for e in entries if not e.name.startswith("."))
+            total += sum(1 for name in os.listdir(directory) if not name.startswith("."))
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise ProviderError(f"cannot read {maildir / sub}: {exc}") from exc
+            raise ProviderError(f"cannot read {directory}: {exc}") from exc
     return total
 
 
@@ -291,8 +293,9 @@ class LabProvider(RentalProvider):
         layout = self.layout
         if not layout.rental.is_dir():
             raise ProviderError(f"{layout.rental} does not exist: run `mailrec lab init` first")
+        maildirs = os.fspath(layout.rental_maildirs)
         boxes = {
-            box.local: count_messages(self.maildir(box.local))
+            box.local: count_messages(f"{maildirs}/{box.local}")
             for box in read_mailboxes(layout.rental_mailboxes)
             if box.domain == self.domain
         }
