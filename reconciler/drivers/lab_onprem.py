@@ -15,13 +15,13 @@ import posixpath
 import shutil
 import smtplib
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 
 from reconciler import clock
 from reconciler.drivers.postfix import (
-    DEFAULT_UID_RANGE,
     RECIPIENT_MAP,
     TRANSPORT_MAP,
     VIRTUAL_MAP,
@@ -33,8 +33,8 @@ from reconciler.drivers.postfix import (
     forward_keys,
     parse_main_cf,
     parse_map,
-    parse_passwd,
     partial_forwards,
+    passwd_homes,
     points_at_rental,
     recipient_map_ref,
     relay_target,
@@ -114,9 +114,11 @@ class LabOnprem:
     def __init__(self, layout: LabLayout, domain: str, config_dir: str = "/etc/postfix", *,
                  quiet_period: timedelta = timedelta(hours=48), log_zone: tzinfo = UTC,
                  rental_smtp: str | None = None,
-                 uid_range: tuple[int, int] = DEFAULT_UID_RANGE) -> None:
+                 uid_range: tuple[int, int] | None = None) -> None:
         self.layout = layout
-        self.uid_range = uid_range  # people's uids (onprem.uid_range, else the default)
+        # People's uids: onprem.uid_range; None: the lab host's /etc/login.defs says, else
+        # mailrec's default (as the real driver decides, `SpaceReader.uid_range`).
+        self.uid_range = uid_range
         # host:port of the lab rental's SMTP server while `lab up` runs it (services.json):
         # where the state's rental.smtp_host is, in the lab's network.
         self.rental_smtp = rental_smtp
@@ -145,25 +147,39 @@ class LabOnprem:
         base = self._home(home)
         return None if base is None else base / "Maildir"
 
-    def _count(self, home: Path) -> int:
-        maildir = self._maildir(home)
-        return 0 if maildir is None else count_maildir(maildir)
+    def _counter(self) -> Callable[[str], int]:
+        """Messages in the Maildir of a home as passwd writes it (`_maildir`'s Maildir,
+        counted by `count_maildir`), for observing every account at once: a plain home
+        (absolute, normalised, as Path would print it) becomes a string path with no Path
+        built; any other home goes the Path way of `_maildir`, whatever it decides."""
+        onprem = str(self.layout.onprem)
+        normpath = posixpath.normpath
 
-    def _accounts(self) -> tuple[dict[str, Path], dict[str, Path]]:
-        """People (the uid range `parse_passwd` takes) and every other account, with homes."""
+        def count(home: str) -> int:
+            if home.startswith("/") and not home.startswith("//") and home != "/" and (
+                    normpath(home) == home):
+                return count_maildir(f"{onprem}{home}/Maildir")
+            maildir = self._maildir(Path(home))
+            return 0 if maildir is None else count_maildir(maildir)
+
+        return count
+
+    def _accounts(self) -> tuple[dict[str, str], dict[str, str]]:
+        """People (uids in the range `_uids` gives) and every other account, with homes as
+        passwd writes them."""
         try:
             text = self._passwd_path().read_text()
         except FileNotFoundError as exc:
             raise PostfixError(
                 f"lab onprem: {exc.filename} is missing (run mailrec lab init)"
             ) from None
-        people = parse_passwd(text, self.uid_range)
-        others: dict[str, Path] = {}
-        for line in text.splitlines():
-            parts = line.split(":")
-            if len(parts) >= 7 and parts[2].isdigit() and parts[0] and parts[0] not in people:
-                others[parts[0]] = Path(parts[5])
-        return people, others
+        return passwd_homes(text, self._uids())
+
+    def _reader(self) -> LabSpaceReader:
+        return LabSpaceReader(self.layout.onprem, self.config_dir)
+
+    def _uids(self) -> tuple[int, int]:
+        return self._reader().uid_range(self.uid_range)
 
     def _removed(self) -> dict[str, str]:
         """Users whose mailbox mailrec archived -> where (the real driver's list)."""
@@ -182,11 +198,11 @@ class LabOnprem:
         removed = self._removed()
         # An archived mailbox's account stays: to mailrec it has no onprem mailbox any more,
         # but mail that reaches a Maildir there again (local delivery recreated it) is stray.
-        accounts = {name: self._count(home) for name, home in people.items()
-                    if name not in removed}
+        count = self._counter()
+        accounts = {name: count(home) for name, home in people.items() if name not in removed}
         stray = {name: held for name, home in people.items()
-                 if name in removed and (held := self._count(home))}
-        other_mail = {name: held for name, home in others.items() if (held := self._count(home))}
+                 if name in removed and (held := count(home))}
+        other_mail = {name: held for name, home in others.items() if (held := count(home))}
         forwarded = users_in_map(transport, self.domain)
         space = self._space(stray_mail=stray, other_accounts=other_mail)
         virtual_refs = self._params()["virtual_alias_maps"].replace(",", " ").split()
@@ -216,8 +232,8 @@ class LabOnprem:
                ) -> AddressSpace:
         """Every name the lab's onprem receives for, read as on a real host (the tables
         from the lab's files), with the mailbox counts of `observe`."""
-        reader = LabSpaceReader(self.layout.onprem, self.config_dir)
-        space = reader.read(self._params(), self.domain.lower(), uid_range=self.uid_range,
+        reader = self._reader()
+        space = reader.read(self._params(), self.domain.lower(), uid_range=self._uids(),
                             own_tables={virtual_map_ref(self.config_dir)})
         return replace(space, stray_mail=stray_mail, other_accounts=other_accounts)
 
@@ -246,14 +262,27 @@ class LabOnprem:
         each mydestination name) is accepted, rewritten to user@domain (the rental knows
         only that one) and forwarded. Accept first, rewrite second, forward last: at no
         moment is a name answered 550 (MR007) or sent to the rental unrewritten."""
-        if not USER_NAME_RE.match(user):
-            raise PostfixError(f"refusing unsafe user name {user!r}")
+        self.route_to_rental_many((user,), smtp_host, port)
+
+    def route_to_rental_many(self, users: Iterable[str], smtp_host: str, port: int) -> None:
+        """`route_to_rental` for many users at once (lab init), in three map writes: every
+        name of every user accepted first, then rewritten, then forwarded, so at no moment
+        is one of their names answered 550 or sent to the rental unrewritten. The maps and
+        main.cf end byte for byte as routing the users one by one leaves them. Every name is
+        checked before anything is written: one unsafe name and nothing changes."""
+        names = list(dict.fromkeys(users))
+        for user in names:
+            if not USER_NAME_RE.match(user):
+                raise PostfixError(f"refusing unsafe user name {user!r}")
         domain = self.domain.lower()
-        keys = forward_keys(user, domain, self._local_names())
-        self._update_map(RECIPIENT_MAP, dict.fromkeys(keys, "OK"))
-        self._update_map(VIRTUAL_MAP, {k: f"{user}@{domain}" for k in keys[1:]})
+        local_names = self._local_names()
+        keys = {user: forward_keys(user, domain, local_names) for user in names}
+        self._update_map(RECIPIENT_MAP, {k: "OK" for forms in keys.values() for k in forms})
+        self._update_map(VIRTUAL_MAP, {k: f"{user}@{domain}" for user, forms in keys.items()
+                                       for k in forms[1:]})
         self._reference("virtual_alias_maps", virtual_map_ref(self.config_dir))
-        self._update_map(TRANSPORT_MAP, dict.fromkeys(keys, relay_target(smtp_host, port)))
+        target = relay_target(smtp_host, port)
+        self._update_map(TRANSPORT_MAP, {k: target for forms in keys.values() for k in forms})
 
     def _reference(self, parameter: str, ref: str) -> None:
         main_cf_path = self._etc / "main.cf"
@@ -365,7 +394,7 @@ class LabOnprem:
                 f"{user} is not forwarded to the rental: archiving the onprem mailbox now "
                 f"would hide the mail still delivered there (route inbound/{user} first)"
             )
-        maildir = self._maildir(people[user])
+        maildir = self._maildir(Path(people[user]))
         held = 0 if maildir is None else count_maildir(maildir)
         if held:
             raise PostfixError(

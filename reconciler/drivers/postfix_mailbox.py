@@ -16,7 +16,6 @@ import os
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final, Literal
 
 from reconciler.drivers.postfix import PostfixError
@@ -42,6 +41,7 @@ if [ "$starts" = 0 ]; then echo "1 {_STATUS_TAG} 0"; exit 0; fi
 {{ find -L "$@"; echo "{_STATUS_TAG} $?"; }} | uniq -c
 """
 _GLOB_CHARS: Final = frozenset("*?[]\\")
+_MESSAGE_DIRS: Final = ("new", "cur")
 
 
 @dataclass(frozen=True)
@@ -181,26 +181,36 @@ def _maildir_of_folder(directory: str) -> str:
     return f"{maildir}/{sub}"
 
 
-def _count_messages(directory: Path) -> int:
+def _count_messages(directory: str) -> int:
+    """The files in one new/ or cur/ (dot files are not messages): one scandir, no stat
+    (the entry's type comes with the listing; only a symlink is followed)."""
     try:
         with os.scandir(directory) as entries:
-            return sum(1 for e in entries if e.is_file() and not e.name.startswith("."))
+            return sum(1 for e in entries if not e.name.startswith(".") and e.is_file())
     except (FileNotFoundError, NotADirectoryError):
         return 0
 
 
-def count_maildir(path: Path) -> int:
+def count_maildir(path: str | os.PathLike[str]) -> int:
     """Messages in a local Maildir, as the scan counts them on a host: the files (not dot
     files) in `new/` and `cur/`, and in every Maildir++ folder's `.NAME/new/` and
-    `.NAME/cur/`; `tmp/` holds deliveries in progress, not messages."""
-    total = sum(_count_messages(path / sub) for sub in ("new", "cur"))
+    `.NAME/cur/`; `tmp/` holds deliveries in progress, not messages.
+
+    One scandir of the Maildir finds new/, cur/ and the folders (a directory, or a symlink
+    to one), then one per directory that holds messages: no Path built, no file stat'ed."""
+    base = os.fspath(path)
     try:
-        with os.scandir(path) as entries:
-            folders = [Path(e.path) for e in entries if e.name.startswith(".") and e.is_dir()]
+        with os.scandir(base) as entries:
+            found = [(e.name, e.path) for e in entries
+                     if (e.name in _MESSAGE_DIRS or e.name.startswith(".")) and e.is_dir()]
     except (FileNotFoundError, NotADirectoryError):
-        return total
-    for folder in folders:
-        total += sum(_count_messages(folder / sub) for sub in ("new", "cur"))
+        return 0  # no Maildir (or not a directory): no new/, cur/ or folder either
+    total = 0
+    for name, directory in found:
+        if name in _MESSAGE_DIRS:
+            total += _count_messages(directory)
+        else:  # a Maildir++ folder
+            total += _count_messages(directory + "/new") + _count_messages(directory + "/cur")
     return total
 
 
