@@ -52,6 +52,7 @@ BASELINE = "mailrec/baseline"  # the first apply saw no migration: everyone sent
 
 CATCH_ALL = "*"  # the state's and the world's name for a virtual `@domain` catch-all
 _LEGACY_OUTBOUND = {"rental": Outbound.RELAY}  # acks written before the mode was recorded
+_OUTBOUND_BY_VALUE = {mode.value: mode for mode in Outbound}  # Outbound(to), without the call
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,8 @@ class JournalView:
                 kind, _, user = step.partition("/")
                 to = str(detail.get("to", ""))
                 if kind == "outbound" and to:
-                    mode = _LEGACY_OUTBOUND.get(to)
-                    outbound[user] = mode or (Outbound(to) if to in Outbound._value2member_map_
-                                              else Outbound.UNKNOWN)
+                    outbound[user] = (_LEGACY_OUTBOUND.get(to)
+                                      or _OUTBOUND_BY_VALUE.get(to, Outbound.UNKNOWN))
             elif event.kind == "observe":
                 if detail.get("ack_spent"):
                     # An ack is spent once the change it confirmed was observed: if the same
@@ -226,33 +226,38 @@ def build_world(
     # when the address space was read).
     accepts_all = space.local_recipient_maps is not None and not space.local_recipient_maps
     users: list[tuple[str, UserFacts]] = []
+    append = users.append
+    accounts, transport, recipients = postfix.accounts, postfix.transport, postfix.recipients
+    partial, stray, mailboxes = postfix.partial_forward, space.stray_mail, rental.mailboxes
+    acked_outbound, wanted = journal.outbound, state.users
+    # Most users share their facts with many others: one UserFacts per distinct value (100,000
+    # users make a few dozen), so the world holds a few dozen objects, not 100,000.
+    distinct: dict[tuple[object, ...], UserFacts] = {}
     for name in names:
-        account = name in postfix.accounts
-        outbound = journal.outbound.get(name)
+        account = name in accounts
+        outbound = acked_outbound.get(name)
         if outbound is None:
             outbound = Outbound.ONPREM if assume_onprem and (
-                account or name in state.users) else Outbound.UNKNOWN
-        target = postfix.transport.get(name)
+                account or name in wanted) else Outbound.UNKNOWN
+        target = transport.get(name)
         via_fallback = fallback is True and target is None and not account
-        users.append(
-            (
-                name,
-                UserFacts(
-                    onprem_account=account,
-                    onprem_messages=postfix.accounts.get(name, 0),
-                    route=Side.RENTAL if target is not None or via_fallback else Side.ONPREM,
-                    relay_recipient=accepts_all
-                    or postfix.recipients.get(name, "").upper() == "OK",
-                    rental_mailbox=name in rental.mailboxes,
-                    rental_messages=rental.mailboxes.get(name),
-                    outbound=outbound,
-                    route_drift=target is not None and (
-                        target != expected_route or name in postfix.partial_forward),
-                    stray_messages=space.stray_mail.get(name, 0),
-                    via_fallback=via_fallback,
-                ),
-            )
+        # UserFacts's fields, in order.
+        key = (
+            account,  # onprem_account
+            accounts.get(name, 0),  # onprem_messages
+            Side.RENTAL if target is not None or via_fallback else Side.ONPREM,  # route
+            accepts_all or recipients.get(name, "").upper() == "OK",  # relay_recipient
+            name in mailboxes,  # rental_mailbox
+            mailboxes.get(name),  # rental_messages
+            outbound,
+            target is not None and (target != expected_route or name in partial),  # route_drift
+            stray.get(name, 0),  # stray_messages
+            via_fallback,
         )
+        facts = distinct.get(key)
+        if facts is None:
+            facts = distinct[key] = UserFacts(*key)
+        append((name, facts))
     onprem_mx, rental_mx = state.onprem.mx_host, state.rental.mx_host
     sides: dict[tuple[str, ...], Side] = {(onprem_mx,): Side.ONPREM, (rental_mx,): Side.RENTAL}
     mx_side = sides.get(dns.mx_hosts)
@@ -359,14 +364,20 @@ def world_checksum(world: World, state_digest: str = "") -> str:
     """A digest of everything observed (not the clock): a saved plan is applied only while
     the world it was made from is still the world."""
     digest = hashlib.sha256(state_digest.encode())
-    users = world.users
-    for name in sorted(users.keys()):
-        facts = users[name]
-        digest.update(
-            f"{name}|{facts.onprem_account}|{facts.onprem_messages}|{facts.route}|"
-            f"{facts.route_drift}|{facts.relay_recipient}|{facts.rental_mailbox}|"
-            f"{facts.outbound}|{facts.stray_messages}|{facts.via_fallback}\n".encode()
-        )
+    # One line per user, hashed as one text: a user's facts are written once per distinct
+    # UserFacts object (observe shares them), its name once per user.
+    tails: dict[int, str] = {}
+    lines: list[str] = []
+    for name, facts in sorted(world.users.items()):  # names are unique: facts never compared
+        tail = tails.get(id(facts))  # every facts object lives in the world meanwhile
+        if tail is None:
+            tail = tails[id(facts)] = (
+                f"|{facts.onprem_account}|{facts.onprem_messages}|{facts.route}|"
+                f"{facts.route_drift}|{facts.relay_recipient}|{facts.rental_mailbox}|"
+                f"{facts.outbound}|{facts.stray_messages}|{facts.via_fallback}\n")
+        lines.append(name)
+        lines.append(tail)
+    digest.update("".join(lines).encode())
     for name in sorted(world.addresses.keys()):
         digest.update(f"@{name}|{world.addresses[name]!r}\n".encode())
     rental = world.rental

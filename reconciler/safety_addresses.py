@@ -22,12 +22,22 @@ from reconciler.world import AddressFacts, AddressKind, World
 Measure = tuple[int, ...]
 
 
+# The last addresses map `_split` counted, by identity (every world a plan simulates after
+# a user step shares it), and its counts.
+_split_cache: list[tuple[object, tuple[int, int]]] = []
+
+
 def _split(world: World) -> tuple[int, int]:
     """(names, accounts): unsettled names that are aliases or virtual aliases, and accounts
     outside the uid range holding mail (MR015's blocking part)."""
+    addresses = world.addresses
+    if _split_cache and _split_cache[0][0] is addresses:
+        return _split_cache[0][1]
     names = world.unsettled_addresses()
-    accounts = sum(1 for n in names if world.addresses[n].kind is AddressKind.ACCOUNT)
-    return len(names) - accounts, accounts
+    accounts = sum(1 for n in names if addresses[n].kind is AddressKind.ACCOUNT)
+    counts = (len(names) - accounts, accounts)
+    _split_cache[:] = [(addresses, counts)]
+    return counts
 
 
 def address_measures(world: World) -> tuple[Measure, Measure]:
