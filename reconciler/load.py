@@ -381,12 +381,13 @@ def _load_texts_fast(texts: list[tuple[str, str]]) -> tuple[DesiredState, str, S
         for key in doc:
             if not isinstance(key, str) or key in merged:
                 return None
-            merged[key] = doc[key]
+            # The fast path's data is plain already; ruamel's is made plain (a copy).
+            merged[key] = _plain(doc[key]) if index in parsed else doc[key]
             owner[key] = index
     if not merged:
         return None
     try:
-        state = DesiredState.model_validate(_plain(merged))
+        state = DesiredState.model_validate(merged)
     except ValidationError:
         return None
     return state, digest.hexdigest(), _LazySources(texts, owner, parsed)

@@ -108,7 +108,9 @@ def fast_load(text: str) -> Any | None:
     if ryml is None or not text.strip() or _DECLINE_CHARACTER.search(text):
         return None
     syntax = _COMMENT_LINE.sub("", text)
-    if _DECLINE_INDICATOR.search(syntax):
+    # The regex only where one of its characters occurs at all (a 6 MB file: 1 ms, not 160).
+    if (any(c in syntax for c in ("&", "*", "!", "%", "?", "@", "`", "<<", "---", "..."))
+            and _DECLINE_INDICATOR.search(syntax)):
         return None
     if any(not _FLOW_LINE.fullmatch(line.group())
            for line in _FLOW_CHARACTER_LINE.finditer(syntax)):
@@ -154,9 +156,9 @@ def _emit_json(ryml: Any, source: bytes) -> str | None:
     return emitted
 
 
-def _string_may_change(value: str, resolvers: Resolvers
-                       ) -> bool:
-    return any(pattern.match(value) for _, pattern in resolvers.get(value[:1], ()))
+def _string_may_change(value: str, resolvers: Resolvers) -> bool:
+    patterns = resolvers.get(value[:1])  # most strings start where no resolver does
+    return patterns is not None and any(pattern.match(value) for _, pattern in patterns)
 
 
 def _mapping_checker(resolvers: Resolvers
@@ -166,7 +168,7 @@ def _mapping_checker(resolvers: Resolvers
         if len(mapping) != len(pairs):
             raise _Decline("duplicate key")
         for key in mapping:
-            if _string_may_change(key, resolvers):
+            if key[:1] in resolvers and _string_may_change(key, resolvers):
                 raise _Decline(f"key {key!r} may not be a string to ruamel")
         return mapping
     return build
@@ -192,6 +194,7 @@ def _no_constant(token: str) -> Any:
 def _check_values(data: dict[str, Any], resolvers: Resolvers) -> None:
     """Every string value resolves to a string in ruamel, and the nesting is within
     MAX_DEPTH (keys were checked as the mappings were built)."""
+    checked: set[str] = set()  # values repeat (inbound: onprem, ...): each is checked once
     stack: list[tuple[dict[str, Any] | list[Any], int]] = [(data, 1)]
     while stack:
         node, depth = stack.pop()
@@ -200,7 +203,9 @@ def _check_values(data: dict[str, Any], resolvers: Resolvers) -> None:
         values = node.values() if isinstance(node, dict) else node
         for value in values:
             if isinstance(value, str):
-                if _string_may_change(value, resolvers):
-                    raise _Decline(f"value {value!r} may not be a string to ruamel")
+                if value not in checked:
+                    if _string_may_change(value, resolvers):
+                        raise _Decline(f"value {value!r} may not be a string to ruamel")
+                    checked.add(value)
             elif isinstance(value, dict | list):
                 stack.append((value, depth + 1))
