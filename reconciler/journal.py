@@ -95,6 +95,26 @@ class Journal:
             for r in rows
         ]
 
+    def events_except_applies(self, *, applied: tuple[str, ...],
+                              applied_prefixes: tuple[str, ...] = ()) -> list[Event]:
+        """Every event but the apply records of other steps: acks and observations, and the
+        `ok` applies of the steps named (exactly, or by prefix). What the gates read, without
+        the per-user apply records that are most of a long migration's journal."""
+        names = ",".join("?" * len(applied)) or "NULL"
+        prefixes = "".join(" OR step LIKE ? ESCAPE '\\'" for _ in applied_prefixes)
+        like = [p.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+                for p in applied_prefixes]
+        # Only "?" placeholders are formatted in; every value is bound.
+        rows = self._db.execute(
+            "SELECT at, kind, step, result, source, detail FROM events WHERE kind != 'apply' "  # noqa: S608
+            f"OR (result = 'ok' AND (step IN ({names}){prefixes})) ORDER BY id",
+            [*applied, *like],
+        ).fetchall()
+        return [
+            Event(datetime.fromisoformat(r[0]), r[1], r[2], r[3], r[4], json.loads(r[5]))
+            for r in rows
+        ]
+
     def last(self, step: str, kind: str = "apply", result: str = "ok") -> Event | None:
         row = self._db.execute(
             "SELECT at, kind, step, result, source, detail FROM events "

@@ -72,7 +72,10 @@ class JournalView:
     def read(journal: Journal | None) -> JournalView:
         if journal is None:
             return JournalView({}, None, None, frozenset())
-        events = journal.events()
+        # Of the applies, only those read below (not the per-user ones, most of the journal).
+        events = journal.events_except_applies(
+            applied=("dns/mx-ttl", "dns/mx", "onprem/forward-probe", "router/route/default"),
+            applied_prefixes=("router/filter/",))
         outbound: dict[str, Outbound] = {}
         acked: set[str] = set()
         live: dict[str, bool] = {}

@@ -228,3 +228,48 @@ def test_a_forward_probe_is_remembered_only_when_it_succeeded(journal: Journal) 
     journal.record(T0, "apply", "onprem/forward-probe", "ok",
                    detail={"target": "smtp:[rental.example.net]:25"})
     assert JournalView.read(journal).forward_probed == {"smtp:[rental.example.net]:25"}
+
+
+def test_the_view_reads_the_same_without_the_per_user_applies(tmp_path: Path) -> None:
+    """JournalView.read skips apply records it never looks at (the bulk of a long journal)
+    and still sees exactly what reading every event sees."""
+    from reconciler import observe
+    from reconciler.observe import JournalView
+
+    journal = Journal(tmp_path / "j")
+    at = datetime(2026, 11, 1, tzinfo=UTC)
+    tick = iter(range(10_000))
+
+    def record(kind: str, step: str, result: str, **detail: object) -> None:
+        journal.record(at + timedelta(minutes=next(tick)), kind, step, result, detail=detail)
+
+    record("observe", observe.BASELINE, "noted")
+    for user in ("suga", "sato", "kato_x"):
+        for step in (f"mailbox/{user}", f"inbound/{user}", f"onprem-mailbox/{user}"):
+            record("apply", step, "started")
+            record("apply", step, "ok")
+        record("ack", f"outbound/{user}", "noted", to="relay")
+    record("apply", "onprem/forward-probe", "ok", target="smtp:[mx.example]:25")
+    record("apply", "router/filter/10", "ok", filter=10, present=True)
+    record("apply", "router/filter/11", "failed", filter=11, present=True)
+    record("apply", "router_filter_x", "ok", filter=12, present=True)  # LIKE's _ is literal
+    record("apply", "dns/mx-ttl", "ok", lowering=True, before=3600)
+    record("apply", "dns/mx", "ok", to="rental")
+    record("apply", "router/route/default", "ok",
+           egress={"gateway": "tunnel 2", "address": "203.0.113.9"})
+    record("observe", "mailbox/suga", "noted", ack_spent=True)
+
+    class Everything:
+        """The journal as JournalView read it before: every event."""
+
+        def events_except_applies(self, **_: object) -> list[Event]:
+            return journal.events()
+
+    full = JournalView.read(Everything())  # type: ignore[arg-type]
+    filtered = JournalView.read(journal)
+    assert filtered == full
+    assert filtered.router_filters == frozenset({10})
+    assert filtered.forward_probed == frozenset({"smtp:[mx.example]:25"})
+    kept = journal.events_except_applies(applied=("dns/mx",), applied_prefixes=("router_f",))
+    assert [e.step for e in kept if e.kind == "apply"] == ["router_filter_x", "dns/mx"]
+    journal.close()
