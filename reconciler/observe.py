@@ -236,8 +236,15 @@ def build_world(
     # Most users share their facts with many others: one UserFacts per distinct value (100,000
     # users make a few dozen), so the world holds a few dozen objects, not 100,000.
     distinct: dict[tuple[object, ...], UserFacts] = {}
+    others = space.other_accounts
     for name in names:
         account = name in accounts
+        messages = accounts.get(name, 0)
+        if not account and name in wanted and name in others:
+            # The state lists an account outside the uid range as a user (an old uid-500
+            # person): it is theirs, with its mail; never a user without an account, whose
+            # mail the MX move would be allowed to bounce.
+            account, messages = True, others[name]
         outbound = acked_outbound.get(name)
         if outbound is None:
             outbound = Outbound.ONPREM if assume_onprem and (
@@ -247,7 +254,7 @@ def build_world(
         # UserFacts's fields, in order.
         key = (
             account,  # onprem_account
-            accounts.get(name, 0),  # onprem_messages
+            messages,  # onprem_messages
             Side.RENTAL if target is not None or via_fallback else Side.ONPREM,  # route
             accepts_all or recipients.get(name, "").upper() == "OK",  # relay_recipient
             name in mailboxes,  # rental_mailbox

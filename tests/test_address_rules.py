@@ -310,3 +310,25 @@ def test_a_relay_mailrec_should_read_but_cannot_keeps_onprem_running() -> None:
     assert upstream_pending(desired, acked, [detached]) == ()
     queued = UpstreamFacts("relay.example.co.jp.", True, False, 2)
     assert "queues 2" in upstream_pending(desired, acked, [queued])[0][1]
+
+
+def test_a_state_user_whose_account_is_outside_the_uid_range_is_still_a_user() -> None:
+    """The state lists yamada (an old uid-500 account) as a user: their account and mail are
+    theirs. Moving them waits for the old mailbox to drain, and while they still receive
+    onprem the MX stays (MR003), with or without mail in the box."""
+    moving = state({"suga": ("rental", "onprem"), "yamada": ("rental", "onprem")})
+    postfix = facts(transport={"suga": FORWARD}, other_accounts={"yamada": 2})
+    observed = built(moving, postfix, snapshot({"suga": 0}))
+    assert observed.users["yamada"].onprem_account
+    assert observed.users["yamada"].onprem_messages == 2
+    the_plan = plan(moving, observed)
+    assert status_of(the_plan, "onprem-mailbox/yamada") is Status.GATED
+    for held in (2, 0):
+        staying = state({"suga": ("rental", "onprem"), "yamada": ("onprem", "onprem")},
+                        dns__mx="rental")
+        world_now = built(staying, facts(transport={"suga": FORWARD},
+                                         other_accounts={"yamada": held}),
+                          snapshot({"suga": 0}))
+        the_plan = plan(staying, world_now)
+        assert status_of(the_plan, "dns/mx") is Status.REFUSED, held
+        assert "MR003" in codes(the_plan, "dns/mx"), held

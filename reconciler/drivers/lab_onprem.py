@@ -202,7 +202,7 @@ class LabOnprem:
         accounts = {name: count(home) for name, home in people.items() if name not in removed}
         stray = {name: held for name, home in people.items()
                  if name in removed and (held := count(home))}
-        other_mail = {name: held for name, home in others.items() if (held := count(home))}
+        other_mail = {name: count(home) for name, home in others.items()}
         forwarded = users_in_map(transport, self.domain)
         space = self._space(stray_mail=stray, other_accounts=other_mail)
         virtual_refs = self._params()["virtual_alias_maps"].replace(",", " ").split()

@@ -226,8 +226,9 @@ class AddressSpace:
     # As main.cf says (""; smtpd accepts every name); None: not read (no address space seen).
     local_recipient_maps: str | None = None
     uid_range: tuple[int, int] = (MIN_UID, MAX_UID)  # people, from login.defs or the state
-    # Accounts outside the uid range (root, system users, an old uid-500 user) whose mailbox
-    # holds mail: name -> messages. They receive onprem and nobody migrates them.
+    # Accounts outside the uid range (root, system users, an old uid-500 user): name ->
+    # messages in their mailbox (0 too). They receive onprem; nobody migrates them unless the
+    # state lists them as users.
     other_accounts: dict[str, int] = field(default_factory=dict)
     # Users whose onprem mailbox mailrec archived, but a mailbox holds mail again: name ->
     # messages. Something still delivers there locally (a finding, never a drain wait).

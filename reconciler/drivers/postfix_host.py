@@ -249,7 +249,7 @@ class PostfixHost(PostfixChanges):
         counts = self._count(homes.all())
         space = replace(
             space,
-            other_accounts={n: counts[n] for n in homes.others if counts.get(n)},
+            other_accounts={n: counts.get(n, 0) for n in homes.others},
             stray_mail={n: counts[n] for n in homes.strays if counts.get(n)},
         )
         # Entries only route mail while transport_maps names the map.
