@@ -149,6 +149,9 @@ def _env_path(name: str) -> Path | None:
 
 
 class SystemBackend:
+    # What each system's read cost in the last observe() (`plan --timings`).
+    last_costs: tuple[ObservationCost, ...] = ()
+
     def __init__(
         self,
         state: DesiredState,
@@ -159,7 +162,6 @@ class SystemBackend:
     ) -> None:
         self.state = state
         self.lab = lab
-        self.last_costs: tuple[ObservationCost, ...] = ()  # of the last observe()
         self.onprem: OnpremDriver
         # Relays in front of onprem; the lab has none (its MX is onprem itself).
         self.relays: list[_Relay] = []
