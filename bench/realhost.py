@@ -43,7 +43,6 @@ import io
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -83,14 +82,10 @@ from tests.integration.services import (
     ServiceStack,
     ServiceUnavailable,
     Sshd,
-    _keygen,
-    _root_locked,
-    _run,
     ensure_loopback_address,
     require_binary,
-    require_port_free,
     start_postfix,
-    wait_for_port,
+    start_sshd,
 )
 
 __all__ = ["RealOnprem", "ServiceStack", "ServiceUnavailable", "start_dns",
@@ -133,55 +128,8 @@ def unavailable() -> str | None:
 def start_sshd_with_path(directory: Path, *, address: str, port: int, path: str) -> Sshd:
     """tests/integration/services.start_sshd, with `SetEnv PATH=path SHLVL=1` for every
     session (the getent shim; root's ~/.bashrc not sourced, see above)."""
-    sshd = require_binary("sshd")
-    keyscan = require_binary("ssh-keyscan")
-    ensure_loopback_address(address)
-    require_port_free(address, port)
-    directory.mkdir(parents=True, exist_ok=True)
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    host_key = directory / "ssh_host_ed25519_key"
-    client_key = directory / "client_ed25519"
-    _keygen(host_key, f"mailrec-bench-host-{address}")
-    _keygen(client_key, "mailrec-bench-client")
-    authorized = directory / "authorized_keys"
-    authorized.write_text((directory / "client_ed25519.pub").read_text())
-    authorized.chmod(0o600)
-    config = directory / "sshd_config"
-    config.write_text("\n".join([
-        f"ListenAddress {address}:{port}",
-        f"HostKey {host_key}",
-        f"PidFile {directory / 'sshd.pid'}",
-        f"AuthorizedKeysFile {authorized}",
-        "PermitRootLogin prohibit-password",
-        "PubkeyAuthentication yes",
-        "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no",
-        f"UsePAM {'yes' if _root_locked() else 'no'}",
-        "StrictModes no",
-        "Subsystem sftp internal-sftp",
-        f"SetEnv PATH={path} SHLVL=1",
-        "LogLevel VERBOSE",
-        "MaxSessions 32",
-        "",
-    ]))
-    log = directory / "sshd.log"
-    _run([sshd, "-t", "-f", str(config)], "sshd -t (config test)")
-    process = subprocess.Popen([sshd, "-D", "-f", str(config), "-E", str(log)],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    handle = Sshd(address, port, directory, client_key, directory / "known_hosts", host_key,
-                  log, process)
-    try:
-        wait_for_port(address, port, what="sshd", log=log, alive=lambda: process.poll() is None)
-        scanned = _run([keyscan, "-T", "5", "-t", "ed25519", "-p", str(port), address],
-                       "ssh-keyscan")
-        if not scanned.strip():
-            raise ServiceUnavailable(f"ssh-keyscan got no key from {address}:{port}")
-        handle.known_hosts.write_text(scanned)
-    except BaseException:
-        handle.stop()
-        raise
-    return handle
+    return start_sshd(directory, address=address, port=port,
+                      extra_config=(f"SetEnv PATH={path} SHLVL=1",))
 
 
 def free_port(address: str) -> int:

@@ -43,7 +43,6 @@ from reconciler.model import Side
 from reconciler.observe import world_checksum
 from reconciler.plan import Plan, PlannedStep, Status
 from reconciler.render import (
-    _dumps_indent2,
     plan_json,
     render_json,
     render_markdown,
@@ -446,28 +445,6 @@ def test_json_and_markdown_are_what_they_were() -> None:
         assert render_markdown(plan)  # unchanged code, exercised on the same plans
 
 
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.tuples(children, children)
-    | st.dictionaries(st.text(max_size=6) | st.integers() | st.booleans() | st.none()
-                      | st.floats(), children, max_size=4),
-    max_leaves=30,
-)
-
-
-@settings(max_examples=500, deadline=None)
-@given(_JSON)
-def test_the_indenting_encoder_writes_what_json_dumps_writes(value: object) -> None:
-    assert _dumps_indent2(value) == json.dumps(value, indent=2)
-
-
-def test_the_indenting_encoder_leaves_other_types_to_json() -> None:
-    with pytest.raises(TypeError):
-        _dumps_indent2({"a": {1, 2}})
-    with pytest.raises(TypeError):
-        _dumps_indent2({(1, 2): "tuple key"})
-    assert _dumps_indent2({Outbound.ONPREM: Outbound.RELAY, "n": Status.READY}) == json.dumps(
-        {Outbound.ONPREM: Outbound.RELAY, "n": Status.READY}, indent=2)
 
 
 def test_a_plan_without_colour_is_rendered_without_rich() -> None:

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
@@ -249,8 +249,10 @@ def _root_locked() -> bool:
     return False
 
 
-def start_sshd(directory: Path, *, address: str, port: int) -> Sshd:
-    """sshd on address:port; root may log in with the per-run client key only."""
+def start_sshd(directory: Path, *, address: str, port: int,
+               extra_config: Sequence[str] = ()) -> Sshd:
+    """sshd on address:port; root may log in with the per-run client key only.
+    `extra_config`: more sshd_config lines (the bench sets every session's PATH)."""
     require_root()
     sshd = require_binary("sshd")
     require_binary("ssh-keygen")
@@ -285,6 +287,7 @@ def start_sshd(directory: Path, *, address: str, port: int) -> Sshd:
                 "LogLevel VERBOSE",
                 "MaxSessions 32",
                 "MaxStartups 64",
+                *extra_config,
                 "",
             ]
         )
