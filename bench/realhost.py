@@ -42,7 +42,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -77,6 +76,7 @@ from reconciler.lab.rental_smtp import RentalSmtpServer
 from reconciler.model_types import Connect
 from reconciler.transport import open_transport
 from tests.dns_server import NamedServer, NamedUnavailable, start_named
+from tests.integration.onprem import free_port
 from tests.integration.services import (
     Postfix,
     ServiceStack,
@@ -130,12 +130,6 @@ def start_sshd_with_path(directory: Path, *, address: str, port: int, path: str)
     session (the getent shim; root's ~/.bashrc not sourced, see above)."""
     return start_sshd(directory, address=address, port=port,
                       extra_config=(f"SetEnv PATH={path} SHLVL=1",))
-
-
-def free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
