@@ -3,25 +3,23 @@ the same from a git commit; every error names file, line, column and field.
 
 The flow: read the files here -> `yaml_guard` composes each and checks its size, depth and
 alias expansion -> construct -> merge by top-level key -> pydantic (`model`) validates; the
-errors of every stage become `Problem`s here, with positions and did-you-mean hints.
+errors of every stage become `Problem`s (worded in `load_errors`: positions, did-you-mean
+hints); the fast path (`yaml_fast`) is taken where it reads the same.
 
 Nothing is changed anywhere when loading fails: the CLI exits 1 before observing.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
-import types
-import typing
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.constructor import DuplicateKeyError
@@ -29,33 +27,13 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 
 from reconciler import yaml_fast, yaml_guard
-from reconciler.model import FIELD_ERROR, DesiredState
+from reconciler.load_errors import Problem as Problem  # re-exported: part of load's API
+from reconciler.load_errors import StateError as StateError
+from reconciler.load_errors import position, validation_problems
+from reconciler.model import DesiredState
 from reconciler.yaml_guard import MAX_ALIAS_NODES as MAX_ALIAS_NODES  # re-exported (was here)
 from reconciler.yaml_guard import MAX_DEPTH as MAX_DEPTH  # re-exported (was defined here)
 from reconciler.yaml_guard import MAX_FILE_BYTES, LimitExceeded, too_large
-
-
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    line: int
-    column: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
-        field = f" {self.field}:" if self.field else ""
-        return f"{where}:{field} {self.message}"
-
-
-class StateError(ValueError):
-    """The state cannot be loaded; `problems` lists each one with its place."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
-
 
 # Source of each top-level key: key -> (file name, the parsed document holding it).
 Sources = Mapping[str, tuple[str, Any]]
@@ -80,20 +58,8 @@ class LoadedState:
         name, doc = source
         loc: list[Any] = [int(p) if p.isdigit() else p for p in parts]
         # A user name may contain dots: prefer the longest key that exists at each level.
-        line, _ = _position(doc, _join_dotted_keys(doc, loc))
+        line, _ = position(doc, _join_dotted_keys(doc, loc))
         return f"{name}:{line}"
-
-
-_KEY_HINTS = {
-    "user": "users",
-    "mx_target": "dns.mx",
-    "whitelists": "rental.whitelist",
-    "max_change_percent": "policy.max_change_pct",
-    "quiet": "policy.quiet_period",
-    "cutover-ttl": "cutover_ttl",
-    "inbond": "inbound",
-    "outbond": "outbound",
-}
 
 
 def _yaml() -> YAML:
@@ -202,25 +168,6 @@ def _duplicate_key(text: str, line: int, column: int) -> tuple[list[str], int]:
     return walk(root, []) or ([], 0)
 
 
-def _position(doc: Any, loc: Iterable[Any]) -> tuple[int, int]:
-    """Line/column (1-based) of the deepest node on the path that still exists."""
-    node = doc
-    line, col = 1, 1
-    for key in loc:
-        try:
-            if isinstance(node, CommentedMap) and key in node:
-                pos = node.lc.key(key)
-            elif isinstance(node, CommentedSeq) and isinstance(key, int) and key < len(node):
-                pos = node.lc.item(key)
-            else:
-                break
-        except (KeyError, IndexError, TypeError):  # a key merged in with <<: has no place here
-            break
-        line, col = pos[0] + 1, pos[1] + 1
-        node = node[key]
-    return line, col
-
-
 def _join_dotted_keys(doc: Any, parts: list[Any]) -> list[Any]:
     """["users", "a", "b"] -> ["users", "a.b"] when the mapping has the key "a.b"."""
     result: list[Any] = []
@@ -246,104 +193,6 @@ def _join_dotted_keys(doc: Any, parts: list[Any]) -> list[Any]:
             node = None
         index += taken
     return result
-
-
-def _model_at(loc: Iterable[Any]) -> type[BaseModel] | None:
-    """The model class whose keys are valid at `loc` (a path into DesiredState), if any."""
-    current: Any = DesiredState
-    parts = list(loc)
-    while parts:
-        part = parts.pop(0)
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return None
-        current = _unwrap(field.annotation)
-        # dict[str, Model] / list[Model]: the next part is a key or an index.
-        origin = typing.get_origin(current)
-        if origin in (dict, list):
-            if not parts:
-                return None
-            parts.pop(0)
-            current = _unwrap(typing.get_args(current)[-1])
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return current
-    return None
-
-
-def _unwrap(annotation: Any) -> Any:
-    """`Model | None` -> Model (the model member of a union, if any)."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        members = [a for a in typing.get_args(annotation) if a is not type(None)]
-        models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
-        return models[0] if models else (members[0] if len(members) == 1 else annotation)
-    return annotation
-
-
-def _all_paths(model: type[BaseModel], prefix: str = "") -> dict[str, str]:
-    """Every key the schema knows, as key -> dotted path (for "did you mean" across sections)."""
-    paths: dict[str, str] = {}
-    for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
-        paths.setdefault(name, dotted)
-        inner = _unwrap(field.annotation)
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
-            for key, path in _all_paths(inner, f"{dotted}.").items():
-                paths.setdefault(key, path)
-    return paths
-
-
-def _hint(key: str, parent: Iterable[Any] = ()) -> str:
-    if key in _KEY_HINTS:
-        return f" (did you mean {_KEY_HINTS[key]!r}?)"
-    model = _model_at(parent)
-    if model is None:
-        return ""
-    known = list(model.model_fields)
-    normal = key.lower().replace("-", "_").strip()
-    if normal in known:
-        return f" (did you mean {normal!r}?)"
-    close = difflib.get_close_matches(normal, known, n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    elsewhere = _all_paths(DesiredState).get(normal)
-    if elsewhere and "." in elsewhere:
-        return f" (did you mean {elsewhere!r}? it belongs in that section)"
-    return f" (known keys here: {', '.join(known)})"
-
-
-def _problems(exc: ValidationError, sources: dict[str, tuple[str, Any]]) -> list[Problem]:
-    problems = []
-    for error in exc.errors():
-        loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-        ctx = error.get("ctx") or {}
-        if error["type"] == FIELD_ERROR and ctx.get("field"):
-            blamed = ctx["field"]  # a model check blaming one of its fields (or a path)
-            loc.extend(blamed if isinstance(blamed, tuple | list) else [blamed])
-        is_key = bool(loc) and loc[-1] == "[key]"
-        if is_key:
-            loc.pop()
-        top = str(loc[0]) if loc else ""
-        name, doc = sources.get(top, next(iter(sources.values()), ("<state>", None)))
-        line, col = _position(doc, loc) if doc is not None else (0, 0)
-        # A control character in a key (a user "suga\n") is shown escaped, on one line.
-        field = "".join(c if c.isprintable() else repr(c)[1:-1]
-                        for c in ".".join(str(p) for p in loc))
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = f"unknown key {loc[-1]!r}{_hint(str(loc[-1]), loc[:-1])}"
-        elif error["type"] == "missing":
-            message = "required field is missing"
-        elif loc == ["version"]:
-            message = f"unsupported version {error['input']!r}: this mailrec reads version: 1"
-        elif is_key and loc[:1] == ["users"] and len(loc) == 2:
-            value = error["input"]
-            kind = ("true/false" if isinstance(value, bool) else
-                    "number" if isinstance(value, int | float) else type(value).__name__)
-            message = f"user name {value!r} was read as a {kind}, not text: put it in quotes"
-        problems.append(Problem(name, line, col, field, message))
-    return problems
 
 
 def load_texts(texts: list[tuple[str, str]]) -> tuple[DesiredState, str]:
@@ -460,7 +309,7 @@ def _load_texts_exact(texts: list[tuple[str, str]]) -> tuple[DesiredState, str, 
     try:
         state = DesiredState.model_validate(_plain(merged))
     except ValidationError as exc:
-        raise StateError(_problems(exc, sources)) from None
+        raise StateError(validation_problems(exc, sources)) from None
     return state, digest.hexdigest(), sources
 
 
