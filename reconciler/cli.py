@@ -150,45 +150,16 @@ def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = F
 
 
 def _emit(text: str, out: Path | None) -> None:
-    """Print, or write `out` atomically: a temporary file created exclusively (O_EXCL, an
-    unpredictable name, mode 0600) in out's directory, fsynced, then renamed over out. A
-    symlink planted at out or at any name is replaced, never followed."""
+    """Print, or write `out` atomically (see `cli_output.write_atomically`)."""
     if out is None:
         click.echo(text, nl=False)
         return
-    import tempfile
+    from reconciler.cli_output import write_atomically
 
-    directory = out.parent
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
+        write_atomically(out, text)
     except OSError as exc:
         fail(f"cannot write {out}: {exc.strerror or exc}")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a plan holds no secret: the mode a new file gets
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        fail(f"cannot write {out}: {exc.strerror or exc}")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def _color() -> bool:
