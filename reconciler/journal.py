@@ -32,6 +32,21 @@ CREATE INDEX IF NOT EXISTS events_step ON events(step, kind);
 """
 
 
+def local_actor() -> str:
+    """Who runs this command here, for the journal: the login (and who sudo'ed to it) at
+    this host."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    sudo = os.environ.get("SUDO_USER")
+    who = f"{sudo} (sudo {user})" if sudo and sudo != user else user
+    return f"{who}@{socket.gethostname()}"
+
+
 class LockedError(RuntimeError):
     """Another mailrec apply holds the lock."""
 
@@ -44,18 +59,28 @@ class Event:
     result: str
     source: str
     detail: dict[str, object]
+    actor: str = ""  # who: the git author of the commit applied, or the local user
+
+
+def _event(row: tuple[str, str, str | None, str, str, str, str]) -> Event:
+    return Event(datetime.fromisoformat(row[0]), row[1], row[2], row[3], row[4],
+                 json.loads(row[5]), row[6])
 
 
 class Journal:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, actor: str = "") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
+        self.actor = actor  # recorded with every event this instance writes
         self.path = directory / "journal.db"
         self._db = sqlite3.connect(self.path, isolation_level=None)
         # WAL + synchronous=FULL: an event that was recorded survives a crash or power loss.
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        if "actor" not in columns:  # a journal written before `actor` was recorded
+            self._db.execute("ALTER TABLE events ADD COLUMN actor TEXT NOT NULL DEFAULT ''")
 
     @classmethod
     def existing(cls, directory: Path) -> Journal | None:
@@ -74,14 +99,17 @@ class Journal:
         *,
         source: str = "",
         detail: dict[str, object] | None = None,
+        actor: str | None = None,
     ) -> None:
         self._db.execute(
-            "INSERT INTO events(at, kind, step, result, source, detail) VALUES (?,?,?,?,?,?)",
-            (at.isoformat(), kind, step, result, source, json.dumps(detail or {}, default=str)),
+            "INSERT INTO events(at, kind, step, result, source, detail, actor) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (at.isoformat(), kind, step, result, source, json.dumps(detail or {}, default=str),
+             self.actor if actor is None else actor),
         )
 
     def events(self, *, step: str | None = None, kind: str | None = None) -> list[Event]:
-        query = "SELECT at, kind, step, result, source, detail FROM events WHERE 1=1"
+        query = "SELECT at, kind, step, result, source, detail, actor FROM events WHERE 1=1"
         args: list[str] = []
         if step is not None:
             query += " AND step = ?"
@@ -90,10 +118,7 @@ class Journal:
             query += " AND kind = ?"
             args.append(kind)
         rows = self._db.execute(query + " ORDER BY id", args).fetchall()
-        return [
-            Event(datetime.fromisoformat(r[0]), r[1], r[2], r[3], r[4], json.loads(r[5]))
-            for r in rows
-        ]
+        return [_event(r) for r in rows]
 
     def events_except_applies(self, *, applied: tuple[str, ...],
                               applied_prefixes: tuple[str, ...] = ()) -> list[Event]:
@@ -106,42 +131,58 @@ class Journal:
                 for p in applied_prefixes]
         # Only "?" placeholders are formatted in; every value is bound.
         rows = self._db.execute(
-            "SELECT at, kind, step, result, source, detail FROM events WHERE kind != 'apply' "  # noqa: S608
+            "SELECT at, kind, step, result, source, detail, actor FROM events "  # noqa: S608
+            "WHERE kind != 'apply' "
             f"OR (result = 'ok' AND (step IN ({names}){prefixes})) ORDER BY id",
             [*applied, *like],
         ).fetchall()
-        return [
-            Event(datetime.fromisoformat(r[0]), r[1], r[2], r[3], r[4], json.loads(r[5]))
-            for r in rows
-        ]
+        return [_event(r) for r in rows]
 
     def last(self, step: str, kind: str = "apply", result: str = "ok") -> Event | None:
         row = self._db.execute(
-            "SELECT at, kind, step, result, source, detail FROM events "
+            "SELECT at, kind, step, result, source, detail, actor FROM events "
             "WHERE step = ? AND kind = ? AND result = ? ORDER BY id DESC LIMIT 1",
             (step, kind, result),
         ).fetchone()
         if row is None:
             return None
-        return Event(datetime.fromisoformat(row[0]), row[1], row[2], row[3], row[4],
-                     json.loads(row[5]))
+        return _event(row)
+
+    def withdraw_ack(self, at: datetime, step: str, note: str = "") -> str | None:
+        """Take back the live ack of `step`: None when recorded, else why not (no ack, or its
+        step already ran or its change was already observed: then a withdrawal would rewrite
+        history, not correct it)."""
+        last = self._db.execute(
+            "SELECT id, result, at FROM events WHERE kind = 'ack' AND step = ? "
+            "ORDER BY id DESC LIMIT 1", (step,)).fetchone()
+        if last is None or last[1] == "withdrawn":
+            return f"{step} has no ack to withdraw"
+        used = self._db.execute(
+            "SELECT kind, at FROM events WHERE step = ? AND id > ? AND ("
+            " (kind = 'apply' AND result = 'ok')"
+            " OR (kind = 'observe' AND json_extract(detail, '$.ack_spent')))"
+            " ORDER BY id LIMIT 1", (step, last[0])).fetchone()
+        if used is not None:
+            what = "applied" if used[0] == "apply" else "seen done"
+            return (f"the ack of {step} (at {last[2]}) was already used: the step was {what} "
+                    f"at {used[1]}; it can no longer be withdrawn")
+        self.record(at, "ack", step, "withdrawn", detail={"note": note, "acked_at": last[2]})
+        return None
 
     def acks(self) -> dict[str, Event]:
-        """The latest ack per step id."""
-        return {e.step: e for e in self.events(kind="ack") if e.step}
+        """The latest live ack per step id (a withdrawn one is not)."""
+        latest = {e.step: e for e in self.events(kind="ack") if e.step}
+        return {step: e for step, e in latest.items() if e.result != "withdrawn"}
 
     def unfinished(self) -> list[Event]:
         """Steps that started but have no outcome: a crash mid-apply (resumed next run)."""
         rows = self._db.execute(
-            "SELECT s.at, s.kind, s.step, s.result, s.source, s.detail FROM events s "
+            "SELECT s.at, s.kind, s.step, s.result, s.source, s.detail, s.actor FROM events s "
             "WHERE s.kind='apply' AND s.result='started' AND NOT EXISTS ("
             " SELECT 1 FROM events e WHERE e.step = s.step AND e.kind='apply' AND e.id > s.id"
             " AND e.result IN ('ok','failed'))"
         ).fetchall()
-        return [
-            Event(datetime.fromisoformat(r[0]), r[1], r[2], r[3], r[4], json.loads(r[5]))
-            for r in rows
-        ]
+        return [_event(r) for r in rows]
 
     @contextmanager
     def lock(self) -> Iterator[None]:

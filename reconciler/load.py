@@ -46,6 +46,7 @@ class LoadedState:
     digest: str  # sha256 of the files' bytes: the "file digest" the journal records
     directory: Path
     sources: Sources = dataclass_field(default_factory=dict, compare=False, repr=False)
+    author: str = ""  # of the commit, for a state read from git: who the journal says applied
 
     def locate(self, dotted_path: str) -> str | None:
         """Where a key of the state is, as "file:line" (e.g. of "rental.whitelist.0" or
@@ -393,4 +394,5 @@ def load_from_git(repo: Path, ref: str, subpath: str = "state") -> LoadedState:
     if not texts:
         raise StateError([Problem(f"{ref}:{subpath}", 0, 0, "", "no *.yaml files")])
     state, _, sources = _load_texts(texts)
-    return LoadedState(state, tuple(t[0] for t in texts), commit.hexsha, repo, sources)
+    author = f"{commit.author.name} <{commit.author.email}>"
+    return LoadedState(state, tuple(t[0] for t in texts), commit.hexsha, repo, sources, author)

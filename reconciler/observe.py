@@ -77,6 +77,7 @@ class JournalView:
             applied=("dns/mx-ttl", "dns/mx", "onprem/forward-probe", "router/route/default"),
             applied_prefixes=("router/filter/",))
         outbound: dict[str, Outbound] = {}
+        outbound_acks: dict[str, list[Outbound]] = {}  # each user's acked settings, in order
         acked: set[str] = set()
         live: dict[str, bool] = {}
         lowered: datetime | None = None
@@ -88,7 +89,18 @@ class JournalView:
         baseline = False
         for event in events:  # in the order they were recorded
             step, detail = event.step or "", event.detail
-            if event.kind == "ack" and step:
+            if event.kind == "ack" and step and event.result == "withdrawn":
+                # A person took an ack back before its step ran: as if never given (an
+                # outbound ack: the client setting the ack before it recorded, if any).
+                live[step] = False
+                kind, _, user = step.partition("/")
+                if kind == "outbound" and outbound_acks.get(user):
+                    outbound_acks[user].pop()
+                    if outbound_acks[user]:
+                        outbound[user] = outbound_acks[user][-1]
+                    else:
+                        outbound.pop(user, None)
+            elif event.kind == "ack" and step:
                 acked.add(step)
                 live[step] = True
                 kind, _, user = step.partition("/")
@@ -96,6 +108,7 @@ class JournalView:
                 if kind == "outbound" and to:
                     outbound[user] = (_LEGACY_OUTBOUND.get(to)
                                       or _OUTBOUND_BY_VALUE.get(to, Outbound.UNKNOWN))
+                    outbound_acks.setdefault(user, []).append(outbound[user])
             elif event.kind == "observe":
                 if detail.get("ack_spent"):
                     # An ack is spent once the change it confirmed was observed: if the same

@@ -273,3 +273,64 @@ def test_the_view_reads_the_same_without_the_per_user_applies(tmp_path: Path) ->
     kept = journal.events_except_applies(applied=("dns/mx",), applied_prefixes=("router_f",))
     assert [e.step for e in kept if e.kind == "apply"] == ["router_filter_x", "dns/mx"]
     journal.close()
+
+
+def test_an_ack_is_withdrawn_only_while_its_step_has_not_run(tmp_path: Path) -> None:
+    from reconciler.observe import JournalView
+    from reconciler.world import Outbound
+
+    journal = Journal(tmp_path / "j", actor="alice@host")
+    at = datetime(2026, 11, 1, tzinfo=UTC)
+    assert journal.withdraw_ack(at, "mailbox/suga") == "mailbox/suga has no ack to withdraw"
+
+    journal.record(at, "ack", "mailbox/suga", "noted", detail={"note": "made in the panel"})
+    assert "mailbox/suga" in JournalView.read(journal).acked
+    assert journal.withdraw_ack(at + timedelta(minutes=1), "mailbox/suga", "wrong user") is None
+    assert "mailbox/suga" not in JournalView.read(journal).acked
+    assert "mailbox/suga" not in journal.acks()
+    assert journal.withdraw_ack(at, "mailbox/suga") == "mailbox/suga has no ack to withdraw"
+    withdrawn = journal.events(kind="ack")[-1]
+    assert (withdrawn.result, withdrawn.actor, withdrawn.detail["note"]) == (
+        "withdrawn", "alice@host", "wrong user")
+
+    # Once the step ran (or its change was seen), the ack is history: refused.
+    journal.record(at, "ack", "mailbox/sato", "noted")
+    journal.record(at, "apply", "mailbox/sato", "ok")
+    refused = journal.withdraw_ack(at, "mailbox/sato")
+    assert refused is not None and "already used" in refused
+    journal.record(at, "ack", "alias/info", "noted")
+    journal.record(at, "observe", "alias/info", "noted", detail={"ack_spent": True})
+    assert "already used" in (journal.withdraw_ack(at, "alias/info") or "")
+
+    # An outbound ack withdrawn: the client setting the ack before it recorded comes back.
+    journal.record(at, "ack", "outbound/kato", "noted", detail={"to": "relay"})
+    journal.record(at, "ack", "outbound/kato", "noted", detail={"to": "onprem"})
+    assert JournalView.read(journal).outbound["kato"] is Outbound.ONPREM
+    assert journal.withdraw_ack(at, "outbound/kato") is None
+    assert JournalView.read(journal).outbound["kato"] is Outbound.RELAY
+    journal.record(at, "ack", "outbound/ito", "noted", detail={"to": "relay"})
+    assert journal.withdraw_ack(at, "outbound/ito") is None
+    assert "ito" not in JournalView.read(journal).outbound  # unknown again: fails closed
+    journal.close()
+
+
+def test_a_journal_without_the_actor_column_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    directory = tmp_path / "old"
+    directory.mkdir()
+    db = sqlite3.connect(directory / "journal.db")
+    db.executescript(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, "
+        "kind TEXT NOT NULL, step TEXT, result TEXT NOT NULL, source TEXT NOT NULL DEFAULT '', "
+        "detail TEXT NOT NULL DEFAULT '{}');"
+        "INSERT INTO events(at, kind, step, result) "
+        "VALUES ('2026-11-01T00:00:00+00:00', 'apply', 'dns/spf', 'ok');")
+    db.commit()
+    db.close()
+    journal = Journal(directory, actor="bob@host")
+    journal.record(datetime(2026, 11, 2, tzinfo=UTC), "ack", "mailbox/suga", "noted")
+    old, new = journal.events()
+    assert (old.step, old.actor) == ("dns/spf", "")
+    assert (new.step, new.actor) == ("mailbox/suga", "bob@host")
+    journal.close()
