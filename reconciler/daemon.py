@@ -5,33 +5,132 @@ as `mailrec apply --yes`. It runs on every change of the state (watchfiles or a 
 and at least every `interval` seconds, so drift is repaired and time gates open without
 anyone running a command. Failures are outcomes, not crashes: they are logged, counted in
 the metrics and retried with backoff.
+
+Logs (`mailrec.daemon`, text or one JSON object per line): a start and a stop line, then one
+line per change or error only -- a new commit, each applied step (ok/failed), a gated or
+refused step whose status or reason changed since the previous round, the world coming in or
+out of sync, an invalid state, a failed round -- each with the short commit id (in directory
+mode: the state files' digest). Library chatter (paramiko's "Connected", the drivers' per-write
+lines) is held at WARNING while the daemon runs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+import re
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from reconciler import clock
+from reconciler import __version__, clock
 from reconciler.apply import reconcile
 from reconciler.journal import Journal, LockedError
 from reconciler.lab.layout import LabLayout
 from reconciler.load import LoadedState, StateError, load_from_git, load_state, state_files
-from reconciler.plan import Status
+from reconciler.plan import Plan, Status
 
 log = logging.getLogger("mailrec.daemon")
 
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+LOG_FORMATS = ("text", "json")
+# Loggers held at WARNING while the daemon runs: SSH/HTTP/git libraries' per-connection lines,
+# and mailrec's own drivers and transports, which log every command and write at INFO/DEBUG
+# (the daemon logs the step those belong to, once).
+QUIET_LOGGERS = ("paramiko", "invoke", "urllib3", "git", "watchfiles", "reconciler")
+SHORT = 12  # characters of a commit id (or a state digest) in the logs
+# The fixed keys of a JSON log line, always present (null when not applicable).
+JSON_KEYS = ("ts", "level", "logger", "event", "commit", "step", "status", "message", "detail")
+_URL_USERINFO = re.compile(r"\b((?:https?|ftp)://)[^/\s@]+@|\b(\w[\w+.-]*://[^/\s:@]+):[^/\s@]+@")
+
+
+def redact(text: str) -> str:
+    """URL credentials out of a line: all user info of an http(s) URL (a token is often the
+    user name), the password of any other scheme's (ssh://git@host keeps its user)."""
+    return _URL_USERINFO.sub(
+        lambda m: f"{m.group(1)}***@" if m.group(1) else f"{m.group(2)}:***@", text)
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    when = datetime.fromtimestamp(record.created, UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class TextFormatter(logging.Formatter):
+    """`TS LEVEL EVENT [COMMIT] MESSAGE`, one line (a multi-line message is joined with " | ")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = getattr(record, "event", None) or record.name
+        commit = getattr(record, "commit", None)
+        message = " | ".join(redact(record.getMessage()).splitlines())
+        line = f"{_timestamp(record)} {record.levelname} {event}"
+        if commit:
+            line += f" [{commit}]"
+        line += f" {message}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line with the keys of `JSON_KEYS`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = redact(record.getMessage())
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        line: dict[str, object] = {
+            "ts": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": getattr(record, "event", None) or "log",
+        }
+        for key in ("commit", "step", "status"):
+            line[key] = getattr(record, key, None)
+        line["message"] = message
+        line["detail"] = getattr(record, "detail", None)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def configure_logging(log_format: str = "text",
+                      stream: IO[str] | None = None) -> Callable[[], None]:
+    """The daemon's log output on the root logger (stderr by default), the libraries quiet;
+    returns the function that puts everything back as it was."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format {log_format!r}: one of {', '.join(LOG_FORMATS)}")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    quiet = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    saved = [(logger, logger.level) for logger in (root, log, *quiet)]
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)  # any other library: warnings and errors only
+    log.setLevel(logging.INFO)
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)
+
+    def restore() -> None:
+        root.removeHandler(handler)
+        handler.flush()
+        for logger, level in saved:
+            logger.setLevel(level)
+
+    return restore
+
+
+def short(source: str | None) -> str | None:
+    return source[:SHORT] if source else None
 
 
 @dataclass
@@ -54,7 +153,10 @@ class Metrics:
 class Daemon:
     def __init__(self, *, repo: str | None, branch: str, subpath: str, interval: float,
                  lab: LabLayout | None, metrics_port: int | None, allow_bulk: bool,
-                 clock_override: bool = False) -> None:
+                 clock_override: bool = False, log_format: str = "text",
+                 log_stream: IO[str] | None = None) -> None:
+        if log_format not in LOG_FORMATS:
+            raise ValueError(f"log format {log_format!r}: one of {', '.join(LOG_FORMATS)}")
         self.repo, self.branch, self.subpath = repo, branch, subpath
         self.interval = interval
         self.lab = lab
@@ -69,15 +171,63 @@ class Daemon:
         # The parsed and validated state of the last round, by what it was read from (the
         # commit, or the files' digest): an unchanged state is not parsed again.
         self._loaded: tuple[str, LoadedState] | None = None
+        self.log_format = log_format
+        self.log_stream = log_stream  # None: stderr
+        # What this round reads the state from (the commit, or the files' digest), when known,
+        # and the last one logged as new.
+        self._source: str | None = None
+        self._seen: str | None = None
+        # The previous round's gated and refused steps, {step: (status, reasons)}: a step is
+        # logged again only when its status or reason changed, not every interval.
+        self._held: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._in_sync: bool | None = None
+        self._stop_reason: str | None = None
+
+    # --- logging ----------------------------------------------------------------------------
+
+    def _emit(self, level: int, event: str, message: str, *, commit: str | None = None,
+              step: str | None = None, status: str | None = None,
+              detail: dict[str, object] | None = None) -> None:
+        if not log.isEnabledFor(level):
+            return
+        log.log(level, "%s", redact(message), extra={
+            "event": event, "commit": commit, "step": step, "status": status, "detail": detail})
+
+    def _source_seen(self) -> None:
+        """A line when the state is read from a commit (or files) not seen before."""
+        source = self._source
+        if source is None or source == self._seen:
+            return
+        first, self._seen = self._seen is None, source
+        if self.repo is None:
+            self._emit(logging.INFO, "commit", f"state {'read' if first else 'changed'} in "
+                       f"{self._state_path()}", commit=short(source))
+            return
+        try:
+            import git
+
+            commit = git.Repo(self._checkout_dir()).commit(source)
+            title = commit.summary
+            if isinstance(title, bytes):
+                title = title.decode("utf-8", "replace")
+            summary = f": {title} ({commit.author.name})"
+        except Exception:  # the summary is a nicety; the id is what counts
+            summary = ""
+        self._emit(logging.INFO, "commit",
+                   f"{'state from commit' if first else 'new commit'} on {self.branch}{summary}",
+                   commit=short(source))
 
     # --- source of the desired state ------------------------------------------------------
+
+    def _checkout_dir(self) -> Path:
+        base = self.lab.journal_dir if self.lab else Path(".mailrec")
+        return base / "repo"
 
     def _checkout(self) -> Path:
         import git
 
         assert self.repo is not None
-        base = self.lab.journal_dir if self.lab else Path(".mailrec")
-        target = base / "repo"
+        target = self._checkout_dir()
         if not (target / ".git").exists():
             git.Repo.clone_from(self.repo, target, branch=self.branch)
         else:
@@ -107,9 +257,11 @@ class Daemon:
     def load(self) -> LoadedState:
         if self.repo is None:
             key = self._fingerprint()
+            self._source = key
             if key is not None and self._loaded is not None and self._loaded[0] == key:
                 return self._loaded[1]
             loaded = load_state(self._state_path())
+            self._source = loaded.digest
             if loaded.digest != key:
                 return loaded  # edited while being read: not cached
         else:
@@ -118,6 +270,7 @@ class Daemon:
             target = self._checkout()
             ref = git.Repo(target).remotes.origin.refs[self.branch].commit.hexsha
             key = f"{ref}:{self.subpath}"
+            self._source = ref
             if self._loaded is not None and self._loaded[0] == key:
                 return self._loaded[1]
             loaded = load_from_git(target, ref, self.subpath)
@@ -133,27 +286,37 @@ class Daemon:
         if self.repo is None:
             # Taken before reading: an edit made while the round runs starts the next one.
             self._loaded_fingerprint = self._fingerprint()
+        self._source = None
         try:
             loaded = self.load()
         except StateError as exc:
-            log.error("invalid state, nothing applied:\n%s", exc)
+            self._source_seen()
+            self._emit(logging.ERROR, "invalid", f"invalid state, nothing applied: {exc}",
+                       commit=short(self._source), status="invalid")
             self.metrics.rounds.labels("invalid").inc()
             return 1
         except Exception as exc:  # the repo unreachable, a broken clone: retried next round
-            log.error("cannot read the desired state, nothing applied: %s", exc)
+            self._emit(logging.ERROR, "error",
+                       f"cannot read the desired state, nothing applied: {exc}",
+                       commit=short(self._source), status="error")
             self.metrics.rounds.labels("error").inc()
             return 1
+        self._source = loaded.digest
+        self._source_seen()
+        commit = short(loaded.digest)
         journal = Journal(self.lab.journal_dir if self.lab else loaded.directory / ".mailrec")
         backend: SystemBackend | None = None
         try:
             backend = SystemBackend(loaded.state, lab=self.lab, state_dir=loaded.directory)
             report = reconcile(loaded, backend, journal, self.clock, allow_bulk=self.allow_bulk)
         except LockedError as exc:
-            log.info("skipped: %s", exc)
+            self._emit(logging.INFO, "skipped", f"round skipped: {exc}", commit=commit,
+                       status="locked")
             self.metrics.rounds.labels("locked").inc()
             return 0
         except Exception as exc:  # a round's failure is an outcome: log, count, retry later
-            log.error("reconcile failed: %s", exc)
+            self._emit(logging.ERROR, "error", f"reconcile failed: {exc}", commit=commit,
+                       status="error")
             self.metrics.rounds.labels("error").inc()
             return 1
         finally:
@@ -162,7 +325,11 @@ class Daemon:
             journal.close()
         for outcome in report.outcomes:
             self.metrics.applied.labels(outcome.result).inc()
-            log.info("%s %s %s", outcome.step, outcome.result, outcome.message)
+            ok = outcome.result == "ok"
+            self._emit(logging.INFO if ok else logging.ERROR, "apply",
+                       f"{outcome.step} {outcome.result}"
+                       + (f": {outcome.message}" if outcome.message else ""),
+                       commit=commit, step=outcome.step, status=outcome.result)
         final = report.final
         assert final is not None
         for status in Status:
@@ -171,10 +338,30 @@ class Daemon:
         self.metrics.last.set(clock.wall().timestamp())
         result = "failed" if report.failed else "ok"
         self.metrics.rounds.labels(result).inc()
-        for planned in final.steps:
-            if planned.status is not Status.READY:
-                log.info("%s %s: %s", planned.id, planned.status, "; ".join(planned.reasons()))
+        self._log_held(final, {o.step for o in report.outcomes}, commit)
+        if final.in_sync != self._in_sync:
+            self._in_sync = final.in_sync
+            counts = ", ".join(f"{len(final.by_status(s))} {s}" for s in Status)
+            self._emit(logging.INFO, "sync",
+                       "in sync" if final.in_sync else f"not in sync: {counts}",
+                       commit=commit, status="in-sync" if final.in_sync else "pending")
         return 1 if report.failed else 0
+
+    def _log_held(self, final: Plan, applied: set[str], commit: str | None) -> None:
+        """Gated and refused steps, only when their status or reason changed since the last
+        round (and a step no longer held, unless this round applied it)."""
+        held = {planned.id: (str(planned.status), tuple(planned.reasons()))
+                for planned in final.steps if planned.status is not Status.READY}
+        previous = self._held
+        for step_id, (status, reasons) in held.items():
+            if previous.get(step_id) != (status, reasons):
+                self._emit(logging.INFO, "held", f"{step_id} {status}: {'; '.join(reasons)}",
+                           commit=commit, step=step_id, status=status)
+        for step_id, (status, _) in previous.items():
+            if step_id not in held and step_id not in applied:
+                self._emit(logging.INFO, "held", f"{step_id} no longer {status}",
+                           commit=commit, step=step_id, status="released")
+        self._held = held
 
     def _wait(self) -> None:
         # Back off after failures (up to 8x), so a broken host is not hammered.
@@ -198,31 +385,71 @@ class Daemon:
                 pass
         self.stop.wait(delay)
 
+    def _started(self) -> tuple[str, dict[str, object]]:
+        """The start line: what the daemon reconciles from, how often, where, and its pid."""
+        detail: dict[str, object] = {
+            "version": __version__, "repo": redact(self.repo) if self.repo else None,
+            "branch": self.branch if self.repo else None,
+            "path": self.subpath if self.repo else str(self._state_path()),
+            "interval": self.interval, "lab": str(self.lab.root) if self.lab else None,
+            "metrics_port": self.metrics_port, "allow_bulk": self.allow_bulk,
+            "pid": os.getpid(),
+        }
+        source = (f"repo {detail['repo']} branch {self.branch} path {self.subpath}"
+                  if self.repo else f"state dir {detail['path']}")
+        where = f"lab {detail['lab']}" if self.lab else "no lab"
+        extra = (f", metrics 127.0.0.1:{self.metrics_port}" if self.metrics_port is not None
+                 else "") + (", allow-bulk" if self.allow_bulk else "")
+        message = (f"mailrec {__version__} daemon started: {source}, interval "
+                   f"{self.interval:g}s, {where}{extra}, pid {detail['pid']}")
+        return message, detail
+
     def run(self, *, once: bool = False) -> int:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        if self.metrics_port is not None:
-            start_http_server(self.metrics_port, addr="127.0.0.1", registry=self.metrics.registry)
+        restore_logging = configure_logging(self.log_format, self.log_stream)
+        message, detail = self._started()
+        self._emit(logging.INFO, "start", message, status="started", detail=detail)
+        self._stop_reason = None
+        code = 1
+        reason: str | None = None
+        previous: list[tuple[signal.Signals, _Handler]] = []
 
         def _stop(signum: int, frame: FrameType | None) -> None:
+            self._stop_reason = f"signal {signal.Signals(signum).name}"
             self.stop.set()
 
-        # Signal handlers can only be set in the main thread; a daemon run in another thread
-        # (an embedding service, the tests) is stopped with `stop.set()` instead. The previous
-        # handlers come back when run() returns.
-        previous: list[tuple[signal.Signals, _Handler]] = []
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                previous.append((signum, signal.signal(signum, _stop)))
         try:
+            if self.metrics_port is not None:
+                start_http_server(self.metrics_port, addr="127.0.0.1",
+                                  registry=self.metrics.registry)
+            # Signal handlers can only be set in the main thread; a daemon run in another
+            # thread (an embedding service, the tests) is stopped with `stop.set()` instead.
+            # The previous handlers come back when run() returns.
+            if threading.current_thread() is threading.main_thread():
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    previous.append((signum, signal.signal(signum, _stop)))
             while True:
                 code = self.round()
                 self.failures = self.failures + 1 if code else 0
-                if once or self.stop.is_set():
+                if once:
+                    reason = "--once"
+                    return code
+                if self.stop.is_set():
                     return code
                 self._wait()
                 if self.stop.is_set():
+                    code = 0
                     return 0
+        except BaseException as exc:
+            reason = f"crashed: {type(exc).__name__}: {exc}"
+            raise
         finally:
             for signum, handler in previous:
                 if handler is not None:  # None: a handler not set from Python
                     signal.signal(signum, handler)
+            crashed = reason is not None and reason.startswith("crashed")
+            reason = reason or self._stop_reason or "stop requested"
+            self._emit(logging.ERROR if crashed else logging.INFO, "stop",
+                       f"daemon stopped ({reason}), exit {code}", commit=short(self._seen),
+                       status="crashed" if crashed else "stopped",
+                       detail={"reason": reason, "exit": code})
+            restore_logging()
