@@ -38,6 +38,10 @@ class Demo:
         else:
             print(f"\n== {text}", flush=True)
 
+    def export(self, name: str, value: str) -> None:
+        """Show the environment the following commands run with, as a line to paste."""
+        print(f"$ export {name}={shlex.quote(value)}", flush=True)
+
     def mailrec(self, *args: str, expect: int | None = None) -> int:
         env = {**os.environ, "MAILREC_LAB": str(self.lab), "MAILREC_NOW": self.now.isoformat(),
                "NO_COLOR": "1"}
@@ -110,7 +114,8 @@ class Demo:
 
     def later(self, delta: timedelta, why: str) -> None:
         self.now += delta
-        print(f"# ... {why}: MAILREC_NOW={self.now.isoformat()}")
+        print(f"# ... {why}")
+        self.export("MAILREC_NOW", self.now.isoformat())
 
     def run(self) -> None:
         users = ["suga", "tanaka", "sato", "suzuki", "takahashi", "watanabe", "ito", "yamamoto"]
@@ -128,6 +133,9 @@ class Demo:
                 self.mailrec("lab", "down", str(self.lab))
 
     def _walk(self, users: list[str]) -> None:
+        # Every command below runs with these: shown, so each `$` line can be pasted as it is.
+        self.export("MAILREC_LAB", str(self.lab))
+        self.export("MAILREC_NOW", self.now.isoformat())
         self.mailrec("validate", expect=0)
         self.say("First plan: only the router policy route for tcp/25 is not as desired")
         self.mailrec("plan", expect=2)

@@ -91,6 +91,13 @@ def subjects_text(names: list[str] | tuple[str, ...], limit: int = 5) -> str:
     return f"{shown} and {rest} more" if rest > 0 else shown
 
 
+def subjects_verb(names: list[str] | tuple[str, ...], singular: str, plural: str,
+                  limit: int = 5) -> str:
+    """The names as `subjects_text` says them, with the verb agreeing: `suga sends`,
+    `suga is`; `sato, suga send`, `ito and 7 more are`."""
+    return f"{subjects_text(names, limit)} {singular if len(names) == 1 else plural}"
+
+
 @dataclass(frozen=True, slots=True)
 class Gate:
     """Why a safe step waits: a time, an ack by a person, or an observation."""

@@ -47,9 +47,17 @@ class PlannedStep:
         return self.step.id
 
     def reasons(self) -> list[str]:
-        out = [self.gate.message] if self.gate else []
+        """Why the step waits or is refused, each with its code when it has one (the text and
+        Markdown plans show every code the JSON plan has)."""
+        out = [self.gate_text()] if self.gate else []
         out.extend(f.text() for f in self.findings)
         return out
+
+    def gate_text(self) -> str:
+        """The gate's message, led by the rule it waits for (MR004, MR008...), if any."""
+        if self.gate is None:
+            return ""
+        return f"{self.gate.code}: {self.gate.message}" if self.gate.code else self.gate.message
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,25 @@ def _bulk_findings(state: DesiredState, world: World, steps: Iterable[Step],
     )
 
 
+def _blamed_on_bulk(bulk: Finding, world: World, ordered: Sequence[Step],
+                    refused: dict[str, list[Finding]], blocked: dict[str, list[Finding]],
+                    ctx: Context) -> dict[str, list[Finding]]:
+    """The refusals of a plan the bulk guard (MR011) holds back, with MR011 first wherever
+    it is a cause: each step is judged again in a pass that lets the moves run.
+
+    - a move MR011 refuses shows MR011, then whatever else refuses it with the moves allowed;
+    - a step refused (also) because those moves did not run, such as an old mailbox whose
+      user is not forwarded yet (MR013), shows MR011 first, then its own findings;
+    - a step refused as much with the moves allowed keeps its findings as they are.
+    No finding is dropped and every step stays refused: only the cause is named first."""
+    unbulked = _run_pass(world, ordered, ctx, honour_gates=False).blocked
+    out = {step_id: [bulk, *unbulked.get(step_id, [])] for step_id in refused}
+    for step_id, found in blocked.items():
+        still = {f.code for f in unbulked.get(step_id, [])}
+        out[step_id] = found if {f.code for f in found} <= still else [bulk, *found]
+    return out
+
+
 def _unmanaged_findings(state: DesiredState, world: World) -> list[Finding]:
     unmanaged = sorted(
         name for name, facts in world.users.items()
@@ -230,7 +257,10 @@ def _make_plan(
     candidates = [s for s in ordered if s.id not in refused]
 
     optimistic = _run_pass(world, candidates, ctx, honour_gates=False)
-    refused.update(optimistic.blocked)
+    if bulk is None:
+        refused.update(optimistic.blocked)
+    else:
+        refused = _blamed_on_bulk(bulk, world, ordered, refused, optimistic.blocked, ctx)
     feasible = [s for s in candidates if s.id not in optimistic.blocked]
     realistic = _run_pass(world, feasible, ctx, honour_gates=True)
 

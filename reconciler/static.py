@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
-from reconciler.findings import Finding, Severity, subjects_text
+from reconciler.findings import Finding, Severity, subjects_text, subjects_verb
 from reconciler.model import DesiredState, Side
 from reconciler.spf import effective_prefix, is_too_wide, term_problems, width_text
 
@@ -28,8 +28,8 @@ def static_findings(state: DesiredState, locate: Locate | None = None) -> list[F
         found.append(
             Finding(
                 "MR012",
-                f"dns.mx is rental but {subjects_text(inbound_onprem)} are inbound onprem "
-                "(MR003)",
+                f"dns.mx is rental but {subjects_verb(inbound_onprem, 'is', 'are')} inbound "
+                "onprem (MR003)",
                 tuple(inbound_onprem[:20]),
                 "set dns.mx: onprem until every user is inbound: rental",
             )
@@ -38,8 +38,8 @@ def static_findings(state: DesiredState, locate: Locate | None = None) -> list[F
         found.append(
             Finding(
                 "MR012",
-                f"{subjects_text(outbound_rental)} send via the rental while "
-                f"{subjects_text(inbound_onprem)} are inbound onprem (MR002)",
+                f"{subjects_verb(outbound_rental, 'sends', 'send')} via the rental while "
+                f"{subjects_verb(inbound_onprem, 'is', 'are')} inbound onprem (MR002)",
                 tuple((outbound_rental + inbound_onprem)[:20]),
                 "move outbound only after every user is inbound: rental",
             )

@@ -10,7 +10,7 @@ from typing import ClassVar
 from reconciler.context import Context
 from reconciler.findings import Gate
 from reconciler.model import Side
-from reconciler.steps.base import Action, Rank, Step, ack_gate
+from reconciler.steps.base import Action, Rank, Step, ack_command, ack_gate
 from reconciler.world import AddressFacts, AddressKind, World
 
 
@@ -144,7 +144,7 @@ class DetachUpstream(Step):
                         f"onprem: {why}", instructions=todo)
         return ack_gate(self, f"confirm the relay {host} no longer routes {ctx.domain} to "
                         "onprem and holds nothing for it",
-                        (*todo, f"Then run: mailrec ack upstream/{self.host}"))
+                        (*todo, f"Then run: {ack_command(self.id)}"))
 
     def describe(self) -> str:
         return f"detach the relay {self.host.rstrip('.')} in front of onprem"

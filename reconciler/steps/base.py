@@ -7,6 +7,7 @@ A step id is stable (`<kind>/<name>`), so plans, acks and the journal all refer 
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import ClassVar
@@ -109,9 +110,15 @@ VERIFIED_USER_FIELDS = ("onprem_account", "route", "route_drift", "relay_recipie
                         "rental_mailbox", "outbound")
 
 
+def ack_command(step_id: str) -> str:
+    """The command a person runs to confirm a manual step, as it can be pasted into a shell
+    (a step id may hold shell characters: `alias/*`, onprem's catch-all)."""
+    return f"mailrec ack {shlex.quote(step_id)}"
+
+
 def ack_gate(step: Step, what: str, instructions: tuple[str, ...]) -> Gate:
     return Gate(
         "ack",
-        f"waiting for a person: {what}; then run `mailrec ack {step.id}`",
+        f"waiting for a person: {what}; then run `{ack_command(step.id)}`",
         instructions=instructions,
     )

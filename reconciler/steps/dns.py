@@ -10,7 +10,7 @@ from reconciler.context import Context
 from reconciler.findings import Gate
 from reconciler.model import Side
 from reconciler.steps.base import Action, Rank, Step
-from reconciler.steps.timing import resolver_hold
+from reconciler.steps.timing import LOWERED, is_planned, plan_lowering, plan_move, resolver_hold
 from reconciler.world import World
 
 
@@ -76,7 +76,7 @@ class SetMxTtl(Step):
         history = world.history
         if self.lowering:
             old = max(self.before, history.mx_old_ttl or 0)
-            history = replace(history, mx_ttl_lowered_at=world.now, mx_old_ttl=old)
+            history = plan_lowering(history, world.now, old)
         return replace(world, dns=replace(world.dns, mx_ttl=self.after), history=history)
 
     def describe(self) -> str:
@@ -108,7 +108,7 @@ class MoveMx(Step):
 
     def simulate(self, world: World) -> World:
         dns = replace(world.dns, mx=self.to, mx_hosts=(self.host,), mx_ttl=self.ttl)
-        history = replace(world.history, mx_moved_at=world.now)
+        history = plan_move(world.history, world.now)
         return replace(world, dns=dns, history=history)
 
     def gate(self, world: World, ctx: Context) -> Gate | None:
@@ -137,6 +137,16 @@ class MoveMx(Step):
                 until=ready_at.isoformat(),
             )
         ready_at = lowered + timedelta(seconds=hold)
+        if world.now < ready_at and is_planned(world.history, LOWERED):
+            # The lowering is a step of this plan: nothing has lowered the TTL yet.
+            return Gate(
+                "time",
+                "the MX TTL will be lowered first (step dns/mx-ttl); resolvers may hold the "
+                f"old TTL ({hold}s: {why}) after it is lowered: until {ready_at.isoformat()} "
+                "at the earliest, if it is lowered now",
+                code="MR004",
+                until=ready_at.isoformat(),
+            )
         if world.now < ready_at:
             return Gate(
                 "time",

@@ -9,7 +9,7 @@ from typing import ClassVar
 from reconciler.context import Context
 from reconciler.findings import Gate
 from reconciler.steps.base import Action, Rank, Step
-from reconciler.steps.timing import resolver_hold
+from reconciler.steps.timing import MOVED, is_planned, resolver_hold
 from reconciler.world import World
 
 
@@ -96,9 +96,14 @@ class RetireOnprem(Step):
             return None
         # Both clocks are told, and the gate opens when the later one has run out.
         until = max(ttl_over, quiet_over)
+        earliest = ""
         if moved is None:
             when = ("no record says when the MX moved (a lost journal, or moved by hand): the "
                     "waits start when an apply first sees it moved")
+        elif is_planned(world.history, MOVED):
+            # The move is a step of this plan: the clocks start when it is applied.
+            when = "the MX will move first (step dns/mx); after it moves"
+            earliest = " at the earliest"
         else:
             when = f"the MX moved at {moved.isoformat()}"
         seen = (f"mail was last seen through onprem at {last.isoformat()}" if last
@@ -106,8 +111,8 @@ class RetireOnprem(Step):
         return Gate(
             "observation" if moved is None else "time",
             f"{when}; resolvers may cache the old MX for {hold}s ({why}), until "
-            f"{ttl_over.isoformat()}; {seen}, and the quiet period ends at "
-            f"{quiet_over.isoformat()}",
+            f"{ttl_over.isoformat()}{earliest}; {seen}, and the quiet period ends at "
+            f"{quiet_over.isoformat()}{earliest}",
             code="MR010",
             until=until.isoformat(),
         )

@@ -13,6 +13,7 @@ Providers plug in by name (`manual`, `ssh`, `lab`) or by `python.module:Class`.
 from __future__ import annotations
 
 import ipaddress
+import shlex
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -107,24 +108,24 @@ class RentalProvider(ABC):
         if action == "create_mailbox":
             return (
                 f"In the {self.name} control panel, create the mailbox {address}, "
-                f"then run: mailrec ack mailbox/{target}"
+                f"then run: mailrec ack {shlex.quote('mailbox/' + target)}"
             )
         if action == "delete_mailbox":
             return (
                 f"Archive and delete the mailbox {address} in the control panel, "
-                f"then run: mailrec ack mailbox/{target}"
+                f"then run: mailrec ack {shlex.quote('mailbox/' + target)}"
             )
         if action == "create_alias":
             name, _, members = target.partition(":")
             return (
                 f"In the {self.name} control panel, create the forwarding address (alias) "
                 f"{name}@{self.context.domain} delivering to {members.strip()}, "
-                f"then run: mailrec ack alias/{name}"
+                f"then run: mailrec ack {shlex.quote('alias/' + name)}"
             )
         if action in ("add_whitelist", "remove_whitelist"):
             verb = "Add" if action == "add_whitelist" else "Remove"
             return (
                 f"{verb} {target} in the control panel's relay (no-auth SMTP) whitelist, "
-                f"then run: mailrec ack whitelist/{target}"
+                f"then run: mailrec ack {shlex.quote('whitelist/' + target)}"
             )
         return f"{action} {target} by hand, then run mailrec ack"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
+import shlex
 import smtplib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -598,7 +599,7 @@ class ManualProvider(RentalProvider):
                 check = f"RCPT TO:<{address}> on {host}:{port} must answer 550 (user unknown)"
             if self.mailboxes_file is not None:
                 steps.append(f"{file_step} and commit it.")
-            steps.append(f"Run: mailrec ack mailbox/{target}")
+            steps.append(f"Run: mailrec ack {shlex.quote('mailbox/' + target)}")
             return _render(title, steps, f"mailrec then checks it: {check}.")
         if action == "create_alias":
             alias = self._alias_instructions(target)
@@ -631,7 +632,7 @@ class ManualProvider(RentalProvider):
                     f'{verb} "{network}" {prep} {self._repo_path(self.whitelist_file)} '
                     "and commit it."
                 )
-            steps.append(f"Run: mailrec ack whitelist/{network}")
+            steps.append(f"Run: mailrec ack {shlex.quote(f'whitelist/{network}')}")
             source = self.probe_egress_ip or self.probe_source
             if source and source in network:
                 check = (
@@ -672,7 +673,7 @@ class ManualProvider(RentalProvider):
                 f'In {self._repo_path(self.aliases_file)}, put the line "{name}: {listed}" '
                 f"(replacing any line for {name}) and commit it."
             )
-        steps.append(f"Run: mailrec ack alias/{name}")
+        steps.append(f"Run: mailrec ack {shlex.quote('alias/' + name)}")
         members_source = (
             "taken from the aliases file" if self.aliases_file is not None else "not checked"
         )
