@@ -31,6 +31,101 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_OK, EXIT_ERROR, EXIT_PENDING, EXIT_REFUSED = 0, 1, 2, 3
 DEFAULT_STATE = "state"
 
+# What `--help` shows below a command's options: its exit codes and an example. Plain
+# literals (help imports nothing); each "\b" paragraph is printed as written, not rewrapped.
+PLAN_EXIT_CODES = """\b
+Exit codes:
+  0  in sync: nothing to change
+  2  changes pending (ready, or gated until a time, a drain or a person)
+  3  something refused as unsafe (or the world as observed breaks a rule)
+  1  error (nothing changed)"""
+EPILOGS: dict[str, str] = {
+    "mailrec": """\b
+Exit codes (plan, apply, status; each command's --help gives its own):
+  0  in sync: nothing to change
+  2  changes pending
+  3  something refused as unsafe
+  1  error (nothing changed)
+
+\b
+Example:
+  mailrec lab init lab && mailrec plan --lab lab""",
+    "validate": """\b
+Exit codes:
+  0  the state is valid
+  3  valid, but a static finding refuses it as unsafe (e.g. an open relay)
+  1  error: the state does not load (YAML or schema; file, line and field)
+
+\b
+Example:
+  mailrec validate --state state""",
+    "plan": PLAN_EXIT_CODES + """
+
+\b
+Example:
+  mailrec plan --git-base origin/main --git-head HEAD --format markdown""",
+    "apply": """\b
+Exit codes (of the plan after applying):
+  0  in sync: everything applied
+  2  steps still pending (gated until a time, a drain or a person)
+  3  something refused as unsafe
+  1  error: a step failed, PLAN_FILE is stale, or not confirmed (no --yes)
+
+\b
+Example:
+  mailrec plan --format json --out plan.json
+  mailrec apply plan.json""",
+    "status": PLAN_EXIT_CODES + """
+
+\b
+Example:
+  mailrec status --format json""",
+    "ack": """\b
+Exit codes:
+  0  acknowledged (or the change is already visible)
+  3  refused: not safe yet (apply the ready steps first)
+  1  error: not a step of the plan, or it does not wait for a person
+
+\b
+Example:
+  mailrec ack outbound/suga --note 'Thunderbird now submits to the rental'""",
+    "schema": """\b
+Exit codes:
+  0  printed
+
+\b
+Example:
+  mailrec schema > mailrec.schema.json""",
+    "rules": """\b
+Exit codes:
+  0  printed
+
+\b
+Example:
+  mailrec rules | grep MR002""",
+    "daemon": """\b
+Exit codes (a round's pending, gated or refused steps are not errors):
+  0  stopped by SIGTERM/SIGINT; with --once: the round ran
+  1  error; with --once: the state did not load, or a step failed
+
+\b
+Example:
+  mailrec daemon --repo git@git.example.co.jp:mail.git --metrics-port 9100""",
+}
+
+
+class MailrecCommand(click.Command):
+    """A `mailrec` command: its epilog (exit codes, an example) from EPILOGS, unless the
+    command gives its own."""
+
+    def __init__(self, name: str | None, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EPILOGS.get(name or ""))
+        super().__init__(name, **kwargs)
+
+
+class MailrecGroup(click.Group):
+    command_class = MailrecCommand
+
 
 class UsageFailure(click.ClickException):
     exit_code = EXIT_ERROR
@@ -75,9 +170,9 @@ def _journal_dir(loaded: LoadedState, lab: LabLayout | None) -> Path:
 
 
 def _journal(loaded: LoadedState, lab: LabLayout | None) -> Journal:
-    from reconciler.journal import Journal
+    from reconciler.journal import Journal, local_actor
 
-    return Journal(_journal_dir(loaded, lab))
+    return Journal(_journal_dir(loaded, lab), actor=local_actor())
 
 
 def _backend(loaded: LoadedState, lab: LabLayout | None) -> Any:
@@ -166,7 +261,8 @@ def _color() -> bool:
     return sys.stdout.isatty() and "NO_COLOR" not in os.environ
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=MailrecGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=EPILOGS["mailrec"])
 @click.version_option(package_name="mailrec")
 @click.option("--clock-override", is_flag=True,
               help="Let MAILREC_NOW set the time gates' clock outside a lab (prints a warning; "
@@ -181,7 +277,7 @@ def cli(ctx: click.Context, clock_override: bool) -> None:
 @cli.command()
 @state_option
 def validate(state_path: Path | None, lab_dir: Path | None) -> None:
-    """Check the state file: schema, then static findings (MR012). Exit 0, 1 or 3."""
+    """Check the state file: schema, then static findings (MR012)."""
     from reconciler.secrets import describe_secret
     from reconciler.static import static_findings
 
@@ -206,17 +302,22 @@ def validate(state_path: Path | None, lab_dir: Path | None) -> None:
 
 @cli.command()
 @state_option
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the plan here.")
-@click.option("--git-base", default=None, help="Compare the state at this ref ...")
-@click.option("--git-head", default=None, help="... with the state at this ref (a PR).")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text",
+              show_default=True,
+              help="text for a terminal, markdown for a PR comment, json for `apply FILE`.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write the plan to this file (atomically) instead of stdout.")
+@click.option("--git-base", metavar="REF", default=None,
+              help="A PR's base commit: its state must load too.")
+@click.option("--git-head", metavar="REF", default=None,
+              help="Plan the state at this commit (default with --git-base: HEAD).")
 @click.option("--allow-bulk", is_flag=True, help="Plan as if applying with --allow-bulk.")
 @click.option("--timings", is_flag=True,
               help="Also print, on stderr, what each phase took and the round trips each "
                    "system's observation cost.")
 def plan(state_path: Path | None, lab_dir: Path | None, fmt: str, out: Path | None,
          git_base: str | None, git_head: str | None, allow_bulk: bool, timings: bool) -> None:
-    """Show what apply would change (a dry run). Exit 0 in sync, 2 pending, 3 refused."""
+    """Show what apply would change (a dry run)."""
     import time
 
     started = time.perf_counter()
@@ -280,7 +381,8 @@ def _load_git_pair(state_path: Path | None, lab_dir: Path | None, base: str | No
 @state_option
 @click.argument("plan_file", required=False, type=click.Path(path_type=Path, exists=True))
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--allow-bulk", is_flag=True, help="Allow moving more than max_change_pct users.")
+@click.option("--allow-bulk", is_flag=True,
+              help="Allow moving more than policy.max_change_pct percent of the users at once.")
 def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None, yes: bool,
           allow_bulk: bool) -> None:
     """Apply the ready steps (of PLAN_FILE if given, refused when stale), verify each, journal."""
@@ -328,7 +430,8 @@ def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None,
 
 @cli.command()
 @state_option
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Output format.")
 def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
     """Per resource: in sync / pending / gated / refused / drifted."""
     from reconciler.journal import Journal
@@ -353,7 +456,7 @@ def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
 @cli.command()
 @click.argument("step_id")
 @state_option
-@click.option("--note", default="", help="What the person did.")
+@click.option("--note", default="", help="What the person did (kept in the journal).")
 def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) -> None:
     """A person confirms a manual step (e.g. outbound/suga: the mail client was changed)."""
     loaded, lab = _load(state_path, lab_dir)
@@ -366,6 +469,7 @@ def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) 
 def _record_ack(loaded: LoadedState, backend: Any, journal: Journal, run_clock: clock.Clock,
                 step_id: str, note: str) -> None:
     from reconciler.apply import context_for, observe_and_plan
+    from reconciler.model import Side
     from reconciler.observe import JournalView
     from reconciler.plan import Status
     from reconciler.safety import check_transition
@@ -376,10 +480,27 @@ def _record_ack(loaded: LoadedState, backend: Any, journal: Journal, run_clock: 
     planned = the_plan.get(step_id)
     if planned is None:
         kind, _, name = step_id.partition("/")
-        managed = (kind in ("mailbox", "outbound", "inbound") and name in loaded.state.users) or (
-            kind == "whitelist" and name in {str(n) for n in loaded.state.rental.whitelist})
-        if managed:
-            # The person's change is already visible (e.g. the SMTP probe sees the mailbox).
+        state = loaded.state
+        # A change made in the rental's panel that the plan asked a person for, and that
+        # mailrec already observes (the SMTP probe sees the mailbox): the person followed the
+        # plan's instructions, so the confirmation is recorded, as the plan told them, and
+        # spent at once (the change it confirms is seen: nothing waits for it).
+        wanted = state.users.get(name) if kind == "mailbox" else None
+        seen = (
+            (wanted is not None and wanted.inbound is Side.RENTAL
+             and world.user(name).rental_mailbox)
+            or (kind == "whitelist" and any(str(n) == name and n in world.rental.whitelist
+                                            for n in state.rental.whitelist))
+            or (kind == "alias" and state.alias_members(name) is not None
+                and (facts := world.addresses.get(name)) is not None and facts.at_rental))
+        if seen:
+            now = run_clock()
+            journal.record(now, "ack", step_id, "noted", source=loaded.digest,
+                           detail={"note": note, "observed": True})
+            journal.record(now, "observe", step_id, "noted", detail={"ack_spent": True})
+            click.echo(f"acknowledged {step_id} (already observed: nothing waits for it)")
+            return
+        if kind in ("mailbox", "outbound", "inbound") and name in state.users:
             click.echo(f"{step_id} is already as desired: nothing to acknowledge")
             return
         fail(f"{step_id} is not a step of the current plan (nothing to acknowledge)")
@@ -408,16 +529,17 @@ def _record_ack(loaded: LoadedState, backend: Any, journal: Journal, run_clock: 
 def lab_accepted(func: F) -> F:
     """Every command takes --lab (DESIGN section 4), even where no host is involved."""
     return click.option("--lab", "lab_dir", type=click.Path(path_type=Path),
-                        envvar="MAILREC_LAB", default=None, hidden=True)(func)
+                        envvar="MAILREC_LAB", default=None, hidden=True,
+                        help="Accepted and ignored: this command needs no host.")(func)
 
 
 @cli.command()
 @lab_accepted
 def schema(lab_dir: Path | None) -> None:
     """Print the JSON Schema of the state file (for editor completion)."""
-    from reconciler.model import DesiredState
+    from reconciler.model import state_json_schema
 
-    click.echo(json.dumps(DesiredState.model_json_schema(), indent=2))
+    click.echo(json.dumps(state_json_schema(), indent=2))
 
 
 @cli.command()
@@ -432,15 +554,23 @@ def rules(lab_dir: Path | None) -> None:
 
 @cli.command()
 @click.option("--repo", default=None, help="Git URL or path of the state repo.")
-@click.option("--branch", default="main")
-@click.option("--interval", type=float, default=60.0, help="Seconds between reconciles.")
-@click.option("--path", "subpath", default="state", help="State path inside the repo.")
-@click.option("--lab", "lab_dir", type=click.Path(path_type=Path), envvar="MAILREC_LAB")
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics.")
+@click.option("--branch", default="main", show_default=True, help="The branch of --repo to follow.")
+@click.option("--interval", type=float, default=60.0, show_default=True,
+              help="Seconds between rounds (longer after failures; without --repo, "
+                   "also a round on each change of the state).")
+@click.option("--path", "subpath", default="state", show_default=True,
+              help="State path inside the repo (without --repo: the local state directory).")
+@click.option("--lab", "lab_dir", type=click.Path(path_type=Path), envvar="MAILREC_LAB",
+              help="Use the local lab at DIR for every host (env MAILREC_LAB).")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics on 127.0.0.1:PORT.")
 @click.option("--once", is_flag=True, help="Reconcile once and exit (for cron and tests).")
-@click.option("--allow-bulk", is_flag=True)
+@click.option("--allow-bulk", is_flag=True,
+              help="Allow moving more than policy.max_change_pct percent of the users at once.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Log lines as text, or one JSON object per line.")
 def daemon(repo: str | None, branch: str, interval: float, subpath: str, lab_dir: Path | None,
-           metrics_port: int | None, once: bool, allow_bulk: bool) -> None:
+           metrics_port: int | None, once: bool, allow_bulk: bool, log_format: str) -> None:
     """Reconcile continuously from a git repo (or ./state), on change and every INTERVAL."""
     from reconciler.daemon import Daemon
 
@@ -448,8 +578,45 @@ def daemon(repo: str | None, branch: str, interval: float, subpath: str, lab_dir
     _clock(lab)  # refuses a MAILREC_NOW it may not use before the first round
     runner = Daemon(repo=repo, branch=branch, subpath=subpath, interval=interval, lab=lab,
                     metrics_port=metrics_port, allow_bulk=allow_bulk,
-                    clock_override=_clock_override())
+                    clock_override=_clock_override(), log_format=log_format)
     sys.exit(runner.run(once=once))
+
+
+
+@cli.command()
+@state_option
+@click.option("--step", "step_prefix", default="", metavar="PREFIX",
+              help="Only steps whose id starts with PREFIX (e.g. inbound/ or outbound/suga).")
+@click.option("--limit", type=int, default=50, show_default=True,
+              help="The last N entries (0: all).")
+@click.option("--all", "everything", is_flag=True,
+              help="Also the observations recorded for the gates and the `started` marks.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Output format.")
+def history(state_path: Path | None, lab_dir: Path | None, step_prefix: str, limit: int,
+            everything: bool, fmt: str) -> None:
+    """What was applied and acknowledged: when, from which commit, by whom.
+
+    \b
+    Exit codes: 0 (also when the journal is empty), 1 error.
+    Example:
+      mailrec history --step outbound/ --limit 20
+    """
+    from reconciler import history as history_module
+    from reconciler.journal import Journal
+
+    loaded, lab = _load(state_path, lab_dir)
+    journal = Journal.existing(_journal_dir(loaded, lab))
+    if journal is None:
+        click.echo("the journal records nothing yet (no apply or ack has run here)")
+        return
+    try:
+        found = history_module.entries(journal.events(), step_prefix=step_prefix,
+                                       everything=everything, limit=max(limit, 0))
+    finally:
+        journal.close()
+    render = history_module.render_json if fmt == "json" else history_module.render_text
+    click.echo(render(found), nl=False)
 
 
 cli.add_command(lab)

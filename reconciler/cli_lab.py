@@ -20,12 +20,27 @@ def fail(message: str) -> NoReturn:
     raise LabFailure(message)
 
 
-@click.group()
+# Below each command's options in `--help` (plain literals; "\b": printed as written).
+LAB_EXIT_CODES = """\b
+Exit codes:
+  0  done
+  1  error (with the reason)"""
+
+
+@click.group(epilog=LAB_EXIT_CODES + """
+
+\b
+Example:
+  mailrec lab init lab && mailrec lab up lab && mailrec plan --lab lab""")
 def lab() -> None:
     """A local lab whose systems stand in for onprem, rental, DNS and router."""
 
 
-@lab.command("init")
+@lab.command("init", epilog=LAB_EXIT_CODES + """
+
+\b
+Example:
+  mailrec lab init lab --state state""")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--from", "from_state", type=click.Path(path_type=Path), default=None,
               help="Make the lab's actual state equal this state (default: before migration).")
@@ -53,7 +68,11 @@ def lab_init(directory: Path, from_state: Path | None, state_path: Path | None,
                f"{'as in ' + str(from_state) if from_state else 'before migration'})")
 
 
-@lab.command("up")
+@lab.command("up", epilog=LAB_EXIT_CODES + """
+
+\b
+Example:
+  mailrec lab up lab""")
 @click.argument("directory", type=click.Path(path_type=Path, exists=True))
 def lab_up(directory: Path) -> None:
     """Start the lab's network services (rental SMTP, RTX emulator) in the background."""
@@ -67,7 +86,11 @@ def lab_up(directory: Path) -> None:
         click.echo(f"{name}: {address}")
 
 
-@lab.command("down")
+@lab.command("down", epilog=LAB_EXIT_CODES + """
+
+\b
+Example:
+  mailrec lab down lab""")
 @click.argument("directory", type=click.Path(path_type=Path, exists=True))
 def lab_down(directory: Path) -> None:
     """Stop the lab's network services."""

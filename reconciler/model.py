@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from reconciler.model_types import (
     DURATION_RE,
@@ -92,6 +93,7 @@ __all__ = [
     "SecretRef",
     "Side",
     "SmtpRoute",
+    "StateJsonSchema",
     "StrictModel",
     "Tsig",
     "Ttl",
@@ -101,6 +103,7 @@ __all__ = [
     "field_error",
     "format_duration",
     "parse_duration",
+    "state_json_schema",
 ]
 
 
@@ -356,8 +359,12 @@ def _alias_target(value: Any) -> Any:
     return value
 
 
+# In the JSON schema (validation mode): what a state file may write, one member as a bare
+# string included.
 AliasTarget = Annotated[Literal["rental", "onprem", "drop"] | list[str],
-                        BeforeValidator(_alias_target)]
+                        BeforeValidator(_alias_target,
+                                        json_schema_input_type=Literal["rental", "onprem", "drop"]
+                                        | str | list[str])]
 _MEMBER_RE = re.compile(r"^[A-Za-z0-9._+-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\Z",
                         re.ASCII)
 
@@ -427,7 +434,8 @@ class DesiredState(StrictModel):
             return None
         return tuple(sorted(m if "@" in m else f"{m}@{self.domain}" for m in target))
 
-    @field_validator("users", mode="before")
+    # `suga:` (null) is all defaults: the JSON schema (validation mode) allows it too.
+    @field_validator("users", mode="before", json_schema_input_type=dict[str, User | None])
     @classmethod
     def _user_entries(cls, value: Any) -> Any:
         # `suga:` with nothing after it means "all defaults"; YAML gives None for that.
@@ -473,3 +481,22 @@ class DesiredState(StrictModel):
 
     def user_names(self) -> list[str]:
         return sorted(self.users)
+
+
+class StateJsonSchema(GenerateJsonSchema):
+    """The JSON Schema of what a state file may say (pydantic's validation mode: a connection
+    is a string, a duration 48h), with defaults written the way a state file writes them
+    (2d, not the ISO 8601 P2D pydantic would show), and the draft it follows declared."""
+
+    def encode_default(self, dft: Any) -> Any:
+        if isinstance(dft, timedelta):
+            return format_duration(dft)
+        return super().encode_default(dft)
+
+    def generate(self, schema: CoreSchema, mode: JsonSchemaMode = "validation") -> JsonSchemaValue:
+        return {"$schema": self.schema_dialect, **super().generate(schema, mode=mode)}
+
+
+def state_json_schema() -> dict[str, Any]:
+    """What `mailrec schema` prints: every shipped state file validates against it."""
+    return DesiredState.model_json_schema(mode="validation", schema_generator=StateJsonSchema)

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    WithJsonSchema,
 )
 from pydantic_core import PydanticCustomError
 
@@ -232,8 +233,21 @@ IpAddress = Annotated[
     BeforeValidator(_ip),
     PlainSerializer(str, return_type=str),
 ]
+# The JSON schema of a Duration is what a state file may write (validation mode), not the
+# timedelta it becomes: a number with a unit (30m, 48h, 2d) or whole seconds.
+DURATION_INPUT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "pattern": r"^\s*[0-9]{1,12} *[smhdw]\s*$",
+         "description": "a number and a unit: s, m, h, d or w (e.g. 30m, 48h, 2d)"},
+        {"type": "integer", "minimum": 0, "maximum": int(MAX_DURATION.total_seconds()),
+         "description": "seconds"},
+    ],
+}
 Duration = Annotated[
-    timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema(DURATION_INPUT_SCHEMA, mode="validation"),
 ]
 # The bounds first (so the JSON schema has minimum/maximum), then the ASCII check that runs
 # before pydantic parses the number.
@@ -307,4 +321,18 @@ def _connect(value: Any) -> Connect:
     return Connect.parse(str(value))
 
 
-ConnectStr = Annotated[Connect, BeforeValidator(_connect), PlainSerializer(str, return_type=str)]
+# The state file writes a connection as one string; the JSON schema says so (validation mode),
+# not the `Connect` object it is parsed into. The pattern is looser than `Connect.parse`, which
+# words the exact error.
+CONNECT_INPUT_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "pattern": r"^(?:local(?::/?)?|ssh://\S+)$",
+    "description": "ssh://user@host:port (user default root, port default 22) or local:/",
+    "examples": ["ssh://root@mail.example.co.jp:22", "local:/"],
+}
+ConnectStr = Annotated[
+    Connect,
+    BeforeValidator(_connect),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema(CONNECT_INPUT_SCHEMA, mode="validation"),
+]
