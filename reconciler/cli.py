@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,246 +17,30 @@ import click
 # for the planner, the drivers or their protocol libraries (paramiko, dnspython, gitpython,
 # rich). Each command imports the machinery it uses (issue 9; tests/test_imports.py).
 from reconciler import clock
+from reconciler.cli_common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_REFUSED,
+    clock_override_asked,
+    connected,
+    emit,
+    fail,
+    journal_dir,
+    lab_accepted,
+    load_or_fail,
+    observe_or_fail,
+    resolve_state_path,
+    run_clock_for,
+    state_option,
+    use_color,
+)
+from reconciler.cli_help import EPILOGS, MailrecGroup
 from reconciler.cli_lab import lab
 from reconciler.lab.layout import LabLayout
 
 if TYPE_CHECKING:
     from reconciler.journal import Journal
     from reconciler.load import LoadedState
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_OK, EXIT_ERROR, EXIT_PENDING, EXIT_REFUSED = 0, 1, 2, 3
-DEFAULT_STATE = "state"
-
-# What `--help` shows below a command's options: its exit codes and an example. Plain
-# literals (help imports nothing); each "\b" paragraph is printed as written, not rewrapped.
-PLAN_EXIT_CODES = """\b
-Exit codes:
-  0  in sync: nothing to change
-  2  changes pending (ready, or gated until a time, a drain or a person)
-  3  something refused as unsafe (or the world as observed breaks a rule)
-  1  error (nothing changed)"""
-EPILOGS: dict[str, str] = {
-    "mailrec": """\b
-Exit codes (plan, apply, status; each command's --help gives its own):
-  0  in sync: nothing to change
-  2  changes pending
-  3  something refused as unsafe
-  1  error (nothing changed)
-
-\b
-Example:
-  mailrec lab init lab && mailrec plan --lab lab""",
-    "validate": """\b
-Exit codes:
-  0  the state is valid
-  3  valid, but a static finding refuses it as unsafe (e.g. an open relay)
-  1  error: the state does not load (YAML or schema; file, line and field)
-
-\b
-Example:
-  mailrec validate --state state""",
-    "plan": PLAN_EXIT_CODES + """
-
-\b
-Example:
-  mailrec plan --git-base origin/main --git-head HEAD --format markdown""",
-    "apply": """\b
-Exit codes (of the plan after applying):
-  0  in sync: everything applied
-  2  steps still pending (gated until a time, a drain or a person)
-  3  something refused as unsafe
-  1  error: a step failed, PLAN_FILE is stale, or not confirmed (no --yes)
-
-\b
-Example:
-  mailrec plan --format json --out plan.json
-  mailrec apply plan.json""",
-    "status": PLAN_EXIT_CODES + """
-
-\b
-Example:
-  mailrec status --format json""",
-    "ack": """\b
-Exit codes:
-  0  acknowledged (or the change is already visible)
-  3  refused: not safe yet (apply the ready steps first)
-  1  error: not a step of the plan, or it does not wait for a person
-
-\b
-Example:
-  mailrec ack outbound/suga --note 'Thunderbird now submits to the rental'""",
-    "schema": """\b
-Exit codes:
-  0  printed
-
-\b
-Example:
-  mailrec schema > mailrec.schema.json""",
-    "rules": """\b
-Exit codes:
-  0  printed
-
-\b
-Example:
-  mailrec rules | grep MR002""",
-    "daemon": """\b
-Exit codes (a round's pending, gated or refused steps are not errors):
-  0  stopped by SIGTERM/SIGINT; with --once: the round ran
-  1  error; with --once: the state did not load, or a step failed
-
-\b
-Example:
-  mailrec daemon --repo git@git.example.co.jp:mail.git --metrics-port 9100""",
-}
-
-
-class MailrecCommand(click.Command):
-    """A `mailrec` command: its epilog (exit codes, an example) from EPILOGS, unless the
-    command gives its own."""
-
-    def __init__(self, name: str | None, **kwargs: Any) -> None:
-        kwargs.setdefault("epilog", EPILOGS.get(name or ""))
-        super().__init__(name, **kwargs)
-
-
-class MailrecGroup(click.Group):
-    command_class = MailrecCommand
-
-
-class UsageFailure(click.ClickException):
-    exit_code = EXIT_ERROR
-
-
-def fail(message: str) -> NoReturn:
-    raise UsageFailure(message)
-
-
-def state_option(func: F) -> F:
-    func = click.option(
-        "--state", "state_path", type=click.Path(path_type=Path), default=None,
-        help="State file or directory (default: the lab's state with --lab, else ./state).",
-    )(func)
-    return click.option(
-        "--lab", "lab_dir", type=click.Path(path_type=Path), envvar="MAILREC_LAB", default=None,
-        help="Use the local lab at DIR for every host (env MAILREC_LAB).",
-    )(func)
-
-
-def _resolve_state_path(state_path: Path | None, lab: LabLayout | None) -> Path:
-    if state_path is not None:
-        return state_path
-    if lab is not None and (lab.root / "state").exists():
-        return lab.root / "state"  # `lab init` copied the state there: the lab's own repo
-    return Path(DEFAULT_STATE)
-
-
-def _load(state_path: Path | None, lab_dir: Path | None) -> tuple[LoadedState, LabLayout | None]:
-    from reconciler.load import StateError, load_state
-
-    lab = LabLayout(lab_dir.resolve()) if lab_dir else None
-    try:
-        loaded = load_state(_resolve_state_path(state_path, lab))
-    except StateError as exc:
-        fail("invalid state:\n" + "\n".join(f"  {p}" for p in exc.problems))
-    return loaded, lab
-
-
-def _journal_dir(loaded: LoadedState, lab: LabLayout | None) -> Path:
-    return lab.journal_dir if lab else loaded.directory / ".mailrec"
-
-
-def _journal(loaded: LoadedState, lab: LabLayout | None) -> Journal:
-    from reconciler.journal import Journal, local_actor
-
-    return Journal(_journal_dir(loaded, lab), actor=local_actor())
-
-
-def _backend(loaded: LoadedState, lab: LabLayout | None) -> Any:
-    from reconciler.drivers.backend import BackendError, SystemBackend
-
-    try:
-        return SystemBackend(loaded.state, lab=lab, state_dir=loaded.directory)
-    except (BackendError, RuntimeError, ValueError) as exc:
-        fail(str(exc))
-
-
-def _clock_override() -> bool:
-    return bool(click.get_current_context().find_root().meta.get("clock_override"))
-
-
-def _clock(lab: LabLayout | None) -> clock.Clock:
-    """The clock time gates are judged by: MAILREC_NOW only in a lab or with the explicit
-    --clock-override (which says so on stderr), else the real time."""
-    override = lab is not None or _clock_override()
-    fixed = clock.overridden()
-    if fixed and override and lab is None:
-        click.echo(f"warning: --clock-override: time gates are judged at MAILREC_NOW={fixed}, "
-                   "not the real time", err=True)
-    try:
-        clock.now(override=override)  # fail now, before anything is observed or changed
-    except clock.ClockError as exc:
-        fail(str(exc))
-    return clock.for_run(override)
-
-
-@contextmanager
-def _connected(loaded: LoadedState, lab: LabLayout | None) -> Iterator[tuple[Any, Journal]]:
-    """The backend and the journal of a command that changes something (apply, ack): both
-    closed at the end, and their failures turned into exit 1 with the reason."""
-    from reconciler.apply import StalePlanError
-    from reconciler.journal import LockedError
-
-    backend = _backend(loaded, lab)
-    journal = _journal(loaded, lab)
-    try:
-        yield backend, journal
-    except (StalePlanError, LockedError) as exc:
-        fail(str(exc))
-    except (OSError, RuntimeError, ValueError) as exc:
-        fail(f"cannot observe: {exc}")
-    finally:
-        backend.close()
-        journal.close()
-
-
-def _observe(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = False,
-             costs: list[Any] | None = None) -> Any:
-    """Observe and plan; with `costs`, what reading each system took is appended to it."""
-    from reconciler.apply import observe_and_plan
-    from reconciler.journal import Journal
-
-    now = _clock(lab)()
-    backend = _backend(loaded, lab)
-    journal = Journal.existing(_journal_dir(loaded, lab))  # a dry run writes nothing
-    try:
-        return observe_and_plan(loaded, backend, journal, now, allow_bulk=allow_bulk)
-    except (OSError, RuntimeError, ValueError) as exc:
-        fail(f"cannot observe: {exc}")
-    finally:
-        if costs is not None:
-            costs.extend(backend.last_costs)
-        backend.close()
-        if journal is not None:
-            journal.close()
-
-
-def _emit(text: str, out: Path | None) -> None:
-    """Print, or write `out` atomically (see `cli_output.write_atomically`)."""
-    if out is None:
-        click.echo(text, nl=False)
-        return
-    from reconciler.cli_output import write_atomically
-
-    try:
-        write_atomically(out, text)
-    except OSError as exc:
-        fail(f"cannot write {out}: {exc.strerror or exc}")
-
-
-def _color() -> bool:
-    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
 
 
 @click.group(cls=MailrecGroup, context_settings={"help_option_names": ["-h", "--help"]},
@@ -281,7 +63,7 @@ def validate(state_path: Path | None, lab_dir: Path | None) -> None:
     from reconciler.secrets import describe_secret
     from reconciler.static import static_findings
 
-    loaded, _ = _load(state_path, lab_dir)
+    loaded, _ = load_or_fail(state_path, lab_dir)
     findings = static_findings(loaded.state, locate=loaded.locate)
     for finding in findings:
         click.echo(finding.text(), err=True)
@@ -324,10 +106,10 @@ def plan(state_path: Path | None, lab_dir: Path | None, fmt: str, out: Path | No
     if git_head or git_base:
         loaded, lab = _load_git_pair(state_path, lab_dir, git_base, git_head)
     else:
-        loaded, lab = _load(state_path, lab_dir)
+        loaded, lab = load_or_fail(state_path, lab_dir)
     read = time.perf_counter()
     costs: list[Any] = []
-    _, the_plan = _observe(loaded, lab, allow_bulk=allow_bulk, costs=costs)
+    _, the_plan = observe_or_fail(loaded, lab, allow_bulk=allow_bulk, costs=costs)
     planned = time.perf_counter()
     _render_plan(the_plan, loaded, fmt, out, git_base, git_head)
     if timings:
@@ -345,14 +127,14 @@ def _render_plan(the_plan: Any, loaded: LoadedState, fmt: str, out: Path | None,
     from reconciler.render import render_json, render_markdown, render_text
 
     if fmt == "json":
-        _emit(render_json(the_plan), out)
+        emit(render_json(the_plan), out)
     elif fmt == "markdown":
         title = f"mailrec plan for {loaded.state.domain}"
         if git_head:
             title += f" ({git_base or 'observed'} → {git_head})"
-        _emit(render_markdown(the_plan, title), out)
+        emit(render_markdown(the_plan, title), out)
     else:
-        _emit(render_text(the_plan, color=_color() and out is None), out)
+        emit(render_text(the_plan, color=use_color() and out is None), out)
 
 
 def _load_git_pair(state_path: Path | None, lab_dir: Path | None, base: str | None,
@@ -362,7 +144,7 @@ def _load_git_pair(state_path: Path | None, lab_dir: Path | None, base: str | No
     from reconciler.load import StateError, load_from_git
 
     lab = LabLayout(lab_dir.resolve()) if lab_dir else None
-    path = _resolve_state_path(state_path, lab).resolve()
+    path = resolve_state_path(state_path, lab).resolve()
     try:
         import git
 
@@ -390,7 +172,7 @@ def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None,
     from reconciler.plan import Status
     from reconciler.render import render_text
 
-    loaded, lab = _load(state_path, lab_dir)
+    loaded, lab = load_or_fail(state_path, lab_dir)
     saved = None
     if plan_file is not None:
         try:
@@ -399,17 +181,17 @@ def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None,
             fail(f"{plan_file}: not a plan file ({exc})")
         if not isinstance(saved, dict) or saved.get("format_version") != 1:
             fail(f"{plan_file}: not a mailrec plan (format_version 1 expected)")
-    run_clock = _clock(lab)
+    run_clock = run_clock_for(lab)
 
     def progress(step_id: str, phase: str) -> None:
         if phase == "ok":
             click.echo(f"applied {step_id}")
 
-    with _connected(loaded, lab) as (backend, journal):
+    with connected(loaded, lab) as (backend, journal):
         if not yes and saved is None:
             _, preview = observe_and_plan(loaded, backend, journal, run_clock(),
                                           allow_bulk=allow_bulk)
-            click.echo(render_text(preview, color=_color()), nl=False)
+            click.echo(render_text(preview, color=use_color()), nl=False)
             if not preview.by_status(Status.READY):
                 sys.exit(preview.exit_code)
             if not sys.stdin.isatty() or not click.confirm("Apply the ready steps?",
@@ -422,7 +204,7 @@ def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None,
             click.echo(f"FAILED {outcome.step}: {outcome.message}", err=True)
     final = report.final
     assert final is not None
-    click.echo(render_text(final, color=_color()), nl=False)
+    click.echo(render_text(final, color=use_color()), nl=False)
     if report.failed:
         sys.exit(EXIT_ERROR)
     sys.exit(final.exit_code)
@@ -437,9 +219,9 @@ def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
     from reconciler.journal import Journal
     from reconciler.render import render_status_json, render_status_text
 
-    loaded, lab = _load(state_path, lab_dir)
-    world, the_plan = _observe(loaded, lab)
-    journal = Journal.existing(_journal_dir(loaded, lab))
+    loaded, lab = load_or_fail(state_path, lab_dir)
+    world, the_plan = observe_or_fail(loaded, lab)
+    journal = Journal.existing(journal_dir(loaded, lab))
     applied: frozenset[str] = frozenset()
     if journal is not None:
         applied = frozenset(e.step for e in journal.events(kind="apply")
@@ -448,7 +230,7 @@ def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
     if fmt == "json":
         click.echo(render_status_json(the_plan, world, applied), nl=False)
     else:
-        click.echo(render_status_text(the_plan, world, color=_color(), applied=applied),
+        click.echo(render_status_text(the_plan, world, color=use_color(), applied=applied),
                    nl=False)
     sys.exit(the_plan.exit_code)
 
@@ -459,10 +241,10 @@ def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
 @click.option("--note", default="", help="What the person did (kept in the journal).")
 def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) -> None:
     """A person confirms a manual step (e.g. outbound/suga: the mail client was changed)."""
-    loaded, lab = _load(state_path, lab_dir)
-    run_clock = _clock(lab)
+    loaded, lab = load_or_fail(state_path, lab_dir)
+    run_clock = run_clock_for(lab)
     # Under the apply lock: no apply may change the world between the check and the record.
-    with _connected(loaded, lab) as (backend, journal), journal.lock():
+    with connected(loaded, lab) as (backend, journal), journal.lock():
         _record_ack(loaded, backend, journal, run_clock, step_id, note)
 
 
@@ -526,13 +308,6 @@ def _record_ack(loaded: LoadedState, backend: Any, journal: Journal, run_clock: 
     click.echo(f"acknowledged {step_id}")
 
 
-def lab_accepted(func: F) -> F:
-    """Every command takes --lab (DESIGN section 4), even where no host is involved."""
-    return click.option("--lab", "lab_dir", type=click.Path(path_type=Path),
-                        envvar="MAILREC_LAB", default=None, hidden=True,
-                        help="Accepted and ignored: this command needs no host.")(func)
-
-
 @cli.command()
 @lab_accepted
 def schema(lab_dir: Path | None) -> None:
@@ -575,10 +350,10 @@ def daemon(repo: str | None, branch: str, interval: float, subpath: str, lab_dir
     from reconciler.daemon import Daemon
 
     lab = LabLayout(lab_dir.resolve()) if lab_dir else None
-    _clock(lab)  # refuses a MAILREC_NOW it may not use before the first round
+    run_clock_for(lab)  # refuses a MAILREC_NOW it may not use before the first round
     runner = Daemon(repo=repo, branch=branch, subpath=subpath, interval=interval, lab=lab,
                     metrics_port=metrics_port, allow_bulk=allow_bulk,
-                    clock_override=_clock_override(), log_format=log_format)
+                    clock_override=clock_override_asked(), log_format=log_format)
     sys.exit(runner.run(once=once))
 
 
@@ -605,8 +380,8 @@ def history(state_path: Path | None, lab_dir: Path | None, step_prefix: str, lim
     from reconciler import history as history_module
     from reconciler.journal import Journal
 
-    loaded, lab = _load(state_path, lab_dir)
-    journal = Journal.existing(_journal_dir(loaded, lab))
+    loaded, lab = load_or_fail(state_path, lab_dir)
+    journal = Journal.existing(journal_dir(loaded, lab))
     if journal is None:
         click.echo("the journal records nothing yet (no apply or ack has run here)")
         return
