@@ -29,6 +29,8 @@ from reconciler.cli_common import (
     lab_accepted,
     load_or_fail,
     observe_or_fail,
+    record_override,
+    refuse_if_not_the_daemons,
     resolve_state_path,
     run_clock_for,
     state_option,
@@ -165,14 +167,18 @@ def _load_git_pair(state_path: Path | None, lab_dir: Path | None, base: str | No
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--allow-bulk", is_flag=True,
               help="Allow moving more than policy.max_change_pct percent of the users at once.")
+@click.option("--override", metavar="WHY", default=None,
+              help="Apply a --state that differs from the state a running daemon applies "
+                   "(an emergency): WHY is recorded in the journal with your name.")
 def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None, yes: bool,
-          allow_bulk: bool) -> None:
+          allow_bulk: bool, override: str | None) -> None:
     """Apply the ready steps (of PLAN_FILE if given, refused when stale), verify each, journal."""
     from reconciler.apply import observe_and_plan, reconcile
     from reconciler.plan import Status
     from reconciler.render import render_text
 
     loaded, lab = load_or_fail(state_path, lab_dir)
+    refuse_if_not_the_daemons(loaded, override, "applied,")
     saved = None
     if plan_file is not None:
         try:
@@ -188,6 +194,8 @@ def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None,
             click.echo(f"applied {step_id}")
 
     with connected(loaded, lab) as (backend, journal):
+        if override:
+            record_override(loaded, journal, run_clock(), override)
         if not yes and saved is None:
             _, preview = observe_and_plan(loaded, backend, journal, run_clock(),
                                           allow_bulk=allow_bulk)
@@ -239,12 +247,28 @@ def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
 @click.argument("step_id")
 @state_option
 @click.option("--note", default="", help="What the person did (kept in the journal).")
-def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str) -> None:
+@click.option("--withdraw", is_flag=True,
+              help="Take back this step's ack (only while the step has not run).")
+@click.option("--override", metavar="WHY", default=None,
+              help="Ack against a --state that differs from a running daemon's; WHY is "
+                   "recorded in the journal with your name.")
+def ack(step_id: str, state_path: Path | None, lab_dir: Path | None, note: str,
+        withdraw: bool, override: str | None) -> None:
     """A person confirms a manual step (e.g. outbound/suga: the mail client was changed)."""
     loaded, lab = load_or_fail(state_path, lab_dir)
+    refuse_if_not_the_daemons(loaded, override, "acknowledged against it,")
     run_clock = run_clock_for(lab)
     # Under the apply lock: no apply may change the world between the check and the record.
     with connected(loaded, lab) as (backend, journal), journal.lock():
+        if override:
+            record_override(loaded, journal, run_clock(), override)
+        if withdraw:
+            refused = journal.withdraw_ack(run_clock(), step_id, note)
+            if refused:
+                click.echo(f"refused: {refused}", err=True)
+                sys.exit(EXIT_REFUSED)
+            click.echo(f"withdrawn: the ack of {step_id} (the step waits for a person again)")
+            return
         _record_ack(loaded, backend, journal, run_clock, step_id, note)
 
 

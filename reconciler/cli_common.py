@@ -55,18 +55,87 @@ def resolve_state_path(state_path: Path | None, lab: LabLayout | None) -> Path:
 
 def load_or_fail(state_path: Path | None, lab_dir: Path | None
                  ) -> tuple[LoadedState, LabLayout | None]:
+    """The state a command works with. When a daemon manages the target, that is the
+    daemon's (the commit it last read), unless --state names one; a --state that differs
+    from the daemon's is marked (`differs_from_daemon`) for apply and ack to refuse."""
     from reconciler.load import StateError, load_state
 
     lab = LabLayout(lab_dir.resolve()) if lab_dir else None
+    path = resolve_state_path(state_path, lab)
     try:
-        loaded = load_state(resolve_state_path(state_path, lab))
+        loaded = load_state(path)
     except StateError as exc:
         fail("invalid state:\n" + "\n".join(f"  {p}" for p in exc.problems))
+    daemon, daemons = daemon_state(loaded, lab)
+    if daemon is None or daemons is None:
+        return loaded, lab
+    if state_path is None:
+        same = "the same as" if daemons.state == loaded.state else "not"
+        click.echo(f"note: using the state of {daemon.describe()}, as it last read it "
+                   f"({daemon.commit[:12]}; {same} {path})", err=True)
+        return daemons, lab
+    if daemons.state != loaded.state:
+        click.echo(f"note: {path} differs from the state of {daemon.describe()} "
+                   f"({daemon.commit[:12]}): apply and ack would be refused", err=True)
+        DIFFERS_FROM_DAEMON[id(loaded)] = daemon.describe()
     return loaded, lab
 
 
+# id(LoadedState) -> the daemon whose state it differs from: set by load_or_fail, read by
+# the same command (a process runs one command).
+DIFFERS_FROM_DAEMON: dict[int, str] = {}
+
+
+def daemon_state(loaded: LoadedState, lab: LabLayout | None) -> tuple[Any, LoadedState | None]:
+    """The daemon managing the target of `loaded`, and the state it last read."""
+    from reconciler.load import StateError, load_from_git, load_state
+    from reconciler.target import running_daemon, target_dir
+
+    daemon = running_daemon(target_dir(loaded.state, lab))
+    if daemon is None:
+        return None, None
+    try:
+        if daemon.repo is None:
+            return daemon, load_state(Path(daemon.checkout))
+        return daemon, load_from_git(Path(daemon.checkout), daemon.commit, daemon.subpath)
+    except StateError as exc:
+        fail(f"{daemon.describe()} manages this target, but its state ({daemon.commit[:12]}) "
+             f"cannot be read here: {exc}")
+
+
+def refuse_if_not_the_daemons(loaded: LoadedState, override: str | None, what: str) -> None:
+    """Changing the target with a state other than the daemon's: the two would undo each
+    other's changes every round. Refused (exit 3) unless --override says why."""
+    daemon = DIFFERS_FROM_DAEMON.get(id(loaded))
+    if daemon is None or override:
+        return
+    click.echo(f"refused: this state differs from the one {daemon} applies; {what} it would "
+               "be undone by the daemon's next round (and the daemon's by yours). Commit the "
+               "change to the daemon's branch instead, or give --override 'WHY' (recorded "
+               "in the journal with your name)", err=True)
+    sys.exit(EXIT_REFUSED)
+
+
+def record_override(loaded: LoadedState, journal: Journal, now: Any, why: str) -> None:
+    daemon = DIFFERS_FROM_DAEMON.get(id(loaded))
+    if daemon is not None:
+        journal.record(now, "override", None, "noted", source=loaded.digest,
+                       detail={"note": why, "daemon": daemon})
+        click.echo(f"override recorded: {why} (the daemon applies its own state again on "
+                   "its next round unless its branch changes)", err=True)
+
+
 def journal_dir(loaded: LoadedState, lab: LabLayout | None) -> Path:
-    return lab.journal_dir if lab else loaded.directory / ".mailrec"
+    """The target's journal directory (`target.py`), shared with the daemon."""
+    from reconciler.target import TargetError, check_legacy_journal, target_dir
+
+    directory = target_dir(loaded.state, lab)
+    if lab is None:
+        try:
+            check_legacy_journal(directory, loaded.directory)
+        except TargetError as exc:
+            fail(str(exc))
+    return directory
 
 
 def open_journal(loaded: LoadedState, lab: LabLayout | None) -> Journal:

@@ -16,6 +16,7 @@ lines) is held at WARNING while the daemon runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,10 +36,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from reconciler import __version__, clock
 from reconciler.apply import reconcile
-from reconciler.journal import Journal, LockedError
+from reconciler.journal import Journal, LockedError, local_actor
 from reconciler.lab.layout import LabLayout
 from reconciler.load import LoadedState, StateError, load_from_git, load_state, state_files
 from reconciler.plan import Plan, Status
+from reconciler.target import (
+    DaemonRecord,
+    TargetError,
+    check_legacy_journal,
+    daemon_registration,
+    target_dir,
+    write_record,
+)
 
 log = logging.getLogger("mailrec.daemon")
 
@@ -173,6 +182,10 @@ class Daemon:
         self._loaded: tuple[str, LoadedState] | None = None
         self.log_format = log_format
         self.log_stream = log_stream  # None: stderr
+        # The target this daemon manages (its flock held until run() ends); see target.py.
+        self._registration = contextlib.ExitStack()
+        self._registered: Path | None = None
+        self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         # What this round reads the state from (the commit, or the files' digest), when known,
         # and the last one logged as new.
         self._source: str | None = None
@@ -280,6 +293,24 @@ class Daemon:
 
     # --- one round ---------------------------------------------------------------------------
 
+    def _register(self, loaded: LoadedState) -> Path:
+        """The target's directory (the journal and lock every command shares), held as this
+        daemon's for as long as it runs, with the record commands read the commit from."""
+        directory = target_dir(loaded.state, self.lab)
+        if self.lab is None:
+            check_legacy_journal(directory, loaded.directory)
+        if self._registered != directory:
+            self._registration.close()
+            self._registered = None
+            self._registration.enter_context(daemon_registration(directory))
+            self._registered = directory
+        checkout = (str(self._checkout_dir().resolve()) if self.repo is not None
+                    else str(self._state_path().resolve()))
+        write_record(directory, DaemonRecord(
+            os.getpid(), self.repo, self.branch, self.subpath, checkout, loaded.digest,
+            self._started_at))
+        return directory
+
     def round(self) -> int:
         from reconciler.drivers.backend import SystemBackend
 
@@ -304,7 +335,15 @@ class Daemon:
         self._source = loaded.digest
         self._source_seen()
         commit = short(loaded.digest)
-        journal = Journal(self.lab.journal_dir if self.lab else loaded.directory / ".mailrec")
+        try:
+            directory = self._register(loaded)
+        except TargetError as exc:  # another daemon, or an old journal to move first
+            self._emit(logging.ERROR, "error", f"nothing applied: {exc}", commit=commit,
+                       status="error")
+            self.metrics.rounds.labels("error").inc()
+            return 1
+        actor = f"{loaded.author} (daemon)" if loaded.author else f"{local_actor()} (daemon)"
+        journal = Journal(directory, actor=actor)
         backend: SystemBackend | None = None
         try:
             backend = SystemBackend(loaded.state, lab=self.lab, state_dir=loaded.directory)
@@ -443,6 +482,8 @@ class Daemon:
             reason = f"crashed: {type(exc).__name__}: {exc}"
             raise
         finally:
+            self._registration.close()  # the target is no longer managed: commands see it
+            self._registered = None
             for signum, handler in previous:
                 if handler is not None:  # None: a handler not set from Python
                     signal.signal(signum, handler)

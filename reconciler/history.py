@@ -21,6 +21,7 @@ _WHAT = {
     ("ack", "noted"): "acked",
     ("ack", "withdrawn"): "withdrawn",
     ("observe", "noted"): "observed",
+    ("override", "noted"): "override",
 }
 
 
@@ -45,7 +46,7 @@ def entries(events: Iterable[Event], *, step_prefix: str = "", everything: bool 
     for event in events:
         if event.kind == "run":
             continue
-        if not everything and event.kind not in ("apply", "ack"):
+        if not everything and event.kind not in ("apply", "ack", "override"):
             continue
         if not everything and event.kind == "apply" and event.result == "started":
             continue

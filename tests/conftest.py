@@ -45,6 +45,16 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+@pytest.fixture(autouse=True)
+def target_home(tmp_path_factory: pytest.TempPathFactory,
+                monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own MAILREC_HOME: the journals of non-lab targets never outlive it (nor
+    land in /var/lib/mailrec of the machine running the tests)."""
+    home = tmp_path_factory.mktemp("mailrec-home")
+    monkeypatch.setenv("MAILREC_HOME", str(home))
+    return home
+
+
 @pytest.fixture
 def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LabLayout]:
     """A fresh lab of the example company before the migration (no network services)."""

@@ -17,6 +17,8 @@ import pytest
 
 from reconciler.journal import Journal
 from reconciler.lab.rental_smtp import read_log
+from reconciler.load import load_state
+from reconciler.target import target_dir
 from tests.conftest import run_cli
 from tests.dns_server import NamedServer, named_or_unavailable
 from tests.integration.onprem import (
@@ -116,7 +118,7 @@ def assert_probed(onprem: OnpremStack, state: Path, output: str, before: int,
     assert applied and moved and applied[0] < moved[0], output
     answered = probes_at_rental(onprem)[before:]
     assert len(answered) == 1 and answered[0]["mail_from"] == "", answered
-    journal = Journal.existing(state / ".mailrec")
+    journal = Journal.existing(target_dir(load_state(state).state, None))
     assert journal is not None
     try:
         event = journal.last("onprem/forward-probe")
