@@ -41,6 +41,10 @@ class ConfigRepo:
     def state_dir(self) -> Path:
         return Path(self.work.working_tree_dir or ".") / "state"
 
+    @property
+    def head(self) -> str:
+        return git.Repo(self.bare).commit("main").hexsha
+
     def push(self, message: str) -> str:
         self.work.git.add("--all", "state")
         commit = self.work.index.commit(message, author=AUTHOR, committer=AUTHOR)

@@ -10,64 +10,33 @@ import io
 import json
 import logging
 import os
-import shutil
 import signal
-from pathlib import Path
 
 import git
 import pytest
 
 from reconciler import __version__
 from reconciler.daemon import JSON_KEYS, QUIET_LOGGERS, Daemon, redact
-from reconciler.lab.init import init_lab
 from reconciler.lab.layout import LabLayout
-from reconciler.load import load_state
-from tests.conftest import STATE, run_cli, set_users
+from tests.conftest import run_cli, set_users
+from tests.test_daemon import ConfigRepo, config_repo, daemon_lab  # noqa: F401 (fixtures)
 
 NOW = "2026-11-29T09:00:00+00:00"
 AUTHOR = git.Actor("Config Admin", "admin@example.co.jp")
 ROUTER_STEPS = {"dns/spf", "router/filter/10", "router/route/default"}
 
 
-class Repo:
-    """The company's config repo: a bare repo (what the daemon fetches) and a clone to edit."""
-
-    def __init__(self, bare: Path, work: git.Repo) -> None:
-        self.bare, self.work = bare, work
-
-    @property
-    def state_dir(self) -> Path:
-        return Path(self.work.working_tree_dir or ".") / "state"
-
-    @property
-    def head(self) -> str:
-        return git.Repo(self.bare).commit("main").hexsha
-
-    def push(self, message: str) -> str:
-        self.work.git.add("--all", "state")
-        commit = self.work.index.commit(message, author=AUTHOR, committer=AUTHOR)
-        self.work.git.push("origin", "main")
-        return commit.hexsha
+Repo = ConfigRepo
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Repo:
-    source = tmp_path / "seed"
-    shutil.copytree(STATE, source / "state")
-    seed = git.Repo.init(source, initial_branch="main")
-    seed.git.add("--all", "state")
-    seed.index.commit("Initial desired state", author=AUTHOR, committer=AUTHOR)
-    bare = tmp_path / "config.git"
-    git.Repo.clone_from(source, bare, bare=True)
-    return Repo(bare, git.Repo.clone_from(bare, tmp_path / "work", branch="main"))
+def repo(config_repo: ConfigRepo) -> ConfigRepo:  # noqa: F811
+    return config_repo
 
 
 @pytest.fixture
-def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LabLayout:
-    monkeypatch.delenv("MAILREC_LAB", raising=False)
-    monkeypatch.setenv("MAILREC_NOW", NOW)
-    init_lab(tmp_path / "lab", load_state(STATE), migrated=False, force=False)
-    return LabLayout(tmp_path / "lab")
+def lab(daemon_lab: LabLayout) -> LabLayout:  # noqa: F811
+    return daemon_lab
 
 
 class Logged:
