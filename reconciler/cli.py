@@ -5,6 +5,7 @@ apply -> render, with the exit codes of the contract:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -210,8 +211,8 @@ def apply(state_path: Path | None, lab_dir: Path | None, plan_file: Path | None,
     for outcome in report.outcomes:
         if outcome.result == "failed":
             click.echo(f"FAILED {outcome.step}: {outcome.message}", err=True)
-    final = report.final
-    assert final is not None
+    assert report.final is not None
+    final = dataclasses.replace(report.final, systems=backend.describe())
     click.echo(render_text(final, color=use_color()), nl=False)
     if report.failed:
         sys.exit(EXIT_ERROR)

@@ -4,6 +4,7 @@ Only click and light modules at module level (see cli.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -202,7 +203,8 @@ def observe_or_fail(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: b
     backend = make_backend(loaded, lab)
     journal = Journal.existing(journal_dir(loaded, lab))  # a dry run writes nothing
     try:
-        return observe_and_plan(loaded, backend, journal, now, allow_bulk=allow_bulk)
+        world, plan = observe_and_plan(loaded, backend, journal, now, allow_bulk=allow_bulk)
+        return world, dataclasses.replace(plan, systems=backend.describe())
     except (OSError, RuntimeError, ValueError) as exc:
         fail(f"cannot observe: {exc}")
     finally:

@@ -69,6 +69,9 @@ class Plan:
     drift: tuple[Finding, ...] = ()  # invariants the observed world breaks already
     # Facts safety needed but could not verify; each counts as false (docs/guarantees.md).
     unverified: tuple[str, ...] = ()
+    # How each system was read (which driver, which mode), as the command line observed
+    # them: a plan says whether the rental was probed or its files read, for example.
+    systems: tuple[str, ...] = ()
 
     @property
     def in_sync(self) -> bool:

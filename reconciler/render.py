@@ -49,6 +49,7 @@ def plan_json(plan: Plan) -> dict[str, object]:
         "steps": [_step_json(p) for p in plan.steps],
         "findings": [f.as_json() for f in plan.findings],
         "not_verified": list(plan.unverified),
+        "systems": list(plan.systems),
     }
 
 
@@ -105,6 +106,9 @@ def render_markdown(plan: Plan, title: str = "mailrec plan") -> str:
     if plan.unverified:
         out += ["**Not verified** (each counts as false for safety)", ""]
         out += [f"- {_md(fact)}" for fact in plan.unverified]
+        out.append("")
+    if plan.systems:
+        out.append(f"<sub>observed: {_md('; '.join(plan.systems))}</sub>")
         out.append("")
     out.append(f"<sub>checksum `{plan.checksum}`</sub>")
     return "\n".join(out) + "\n"
@@ -180,6 +184,8 @@ def _text_lines(plan: Plan) -> Iterator[_Line]:
     for finding in plan.findings:
         yield ((f"! {finding.text()}", "red" if finding.severity == "refuse" else "yellow"),)
     yield from _unverified_lines(plan)
+    if plan.systems:
+        yield ((f"observed: {'; '.join(plan.systems)}", "dim"),)
     yield ((_summary(plan), "bold"),)
 
 
@@ -265,6 +271,8 @@ def render_status_text(plan: Plan, world: World, *, color: bool = False,
     console.print(table)
     for fact in plan.unverified:
         console.print(Text(f"? not verified: {fact}", style="yellow"))
+    if plan.systems:
+        console.print(Text(f"observed: {'; '.join(plan.systems)}", style="dim"))
     console.print(Text(_summary(plan), style="bold"))
     return buffer.getvalue()
 
@@ -274,6 +282,6 @@ def render_status_json(plan: Plan, world: World, applied: frozenset[str] = froze
         {"format_version": FORMAT_VERSION, "in_sync": plan.in_sync,
          "resources": status_rows(plan, world, applied),
          "findings": [f.as_json() for f in plan.findings],
-         "not_verified": list(plan.unverified)},
+         "not_verified": list(plan.unverified), "systems": list(plan.systems)},
         indent=2,
     ) + "\n"

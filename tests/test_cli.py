@@ -456,3 +456,21 @@ def test_plan_timings_go_to_stderr_and_leave_the_plan_unchanged(lab: LabLayout) 
     systems = [line.split()[0] for line in timed.stderr.splitlines()[1:]]
     assert systems[:1] == ["read"] and systems[-2:] == ["plan", "render"]
     assert {"onprem", "rental", "dns", "router"} <= set(systems)
+
+
+def test_plan_and_status_say_how_each_system_was_read(lab: LabLayout) -> None:
+    """The provider mode is never silent: without `lab up`, a `manual` rental is read from
+    the lab's files, and the plan says so (and how to probe it instead)."""
+    text = run_cli("plan", "--lab", str(lab.root))
+    observed = [line for line in text.output.splitlines() if line.startswith("observed: ")]
+    assert len(observed) == 1
+    assert "onprem: lab files" in observed[0]
+    assert "the state names the manual provider" in observed[0]
+    assert "mailrec lab up" in observed[0]
+    systems = json.loads(run_cli("plan", "--lab", str(lab.root), "--format", "json").output)[
+        "systems"]
+    assert [s.split(":")[0] for s in systems] == ["onprem", "rental", "dns", "router"]
+    status = json.loads(run_cli("status", "--lab", str(lab.root), "--format", "json").output)
+    assert status["systems"] == systems
+    markdown = run_cli("plan", "--lab", str(lab.root), "--format", "markdown").output
+    assert "<sub>observed: onprem: lab files" in markdown

@@ -4,6 +4,7 @@ refused unless overridden (and the override is recorded); acks reach the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 
@@ -11,7 +12,7 @@ import pytest
 
 from reconciler.daemon import Daemon
 from reconciler.drivers.postfix import TRANSPORT_MAP
-from reconciler.journal import Journal
+from reconciler.journal import Journal, LockedError
 from reconciler.lab.layout import LabLayout
 from reconciler.target import running_daemon
 from tests.conftest import run_cli, set_users
@@ -31,7 +32,8 @@ def running(config_repo: ConfigRepo, daemon_lab: LabLayout  # noqa: F811
     """The daemon following the bare repo in the background, suga moved by a commit."""
     set_users(config_repo.state_dir, suga=("rental", "onprem"))
     config_repo.push("Move suga's inbound mail to the rental")
-    daemon = make_daemon(config_repo, daemon_lab, interval=0.2)
+    # One round, then a long wait: the commands below never race a round for the lock.
+    daemon = make_daemon(config_repo, daemon_lab, interval=3600)
     thread = threading.Thread(target=daemon.run, daemon=True)
     thread.start()
     try:
@@ -101,7 +103,17 @@ def test_acks_and_the_lock_are_the_daemons(
     assert daemon._registered == lab.journal_dir
     journal = Journal(lab.journal_dir)
     try:
-        with journal.lock():  # held as by an apply: the command line waits for the same lock
+        with contextlib.ExitStack() as held:
+            # Taken between two of the daemon's rounds (each holds it while it runs), then
+            # held as by an apply: the command line meets the same lock.
+            def take() -> bool:
+                try:
+                    held.enter_context(journal.lock())
+                except LockedError:
+                    return False
+                return True
+
+            wait_until(take, "a moment between the daemon's rounds")
             locked = run_cli("apply", "--lab", str(lab.root), "--yes")
             assert locked.exit_code == 1
             assert "another mailrec apply is running" in (locked.output + locked.stderr)

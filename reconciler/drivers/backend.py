@@ -304,6 +304,29 @@ class SystemBackend:
         return Rfc2136Dns(host, int(port), state.domain, dns_config.tsig.name,
                           dns_config.tsig.algorithm, resolve_secret(dns_config.tsig.secret))
 
+    def describe(self) -> tuple[str, ...]:
+        """How each system is read, for plan and status: which driver, in which mode."""
+        state = self.state
+        onprem = ("lab files" if isinstance(self.onprem, LabOnprem)
+                  else f"Postfix over SSH ({state.onprem.connect})")
+        if isinstance(self.rental, ManualProvider):
+            host, port = self.rental.endpoint
+            rental = (f"manual: changes made by a person, then verified by SMTP probes at "
+                      f"{host}:{port}")
+        elif self.rental.name == "lab":
+            rental = "lab: the lab rental's files"
+        else:
+            rental = f"{self.rental.name} provider"
+        if self.lab is not None and state.rental.provider != self.rental.name:
+            rental += (f" (the state names the {state.rental.provider} provider: the lab's "
+                       "SMTP server is not running, so its files are read; `mailrec lab up` "
+                       "to probe it)")
+        dns = ("the lab's zone file" if isinstance(self.dns, ZoneFileDns)
+               else f"RFC 2136 at {state.dns.server}")
+        router = ("none" if self.router is None else "the lab's config" if self.lab is not None
+                  else f"RTX over SSH ({state.router.connect if state.router else '?'})")
+        return (f"onprem: {onprem}", f"rental: {rental}", f"dns: {dns}", f"router: {router}")
+
     # --- observe ---------------------------------------------------------------------------
 
     def read_parts(
