@@ -337,7 +337,7 @@ def _record_ack(loaded: LoadedState, backend: Any, journal: Journal, run_clock: 
 @lab_accepted
 def schema(lab_dir: Path | None) -> None:
     """Print the JSON Schema of the state file (for editor completion)."""
-    from reconciler.model import state_json_schema
+    from reconciler.model_schema import state_json_schema
 
     click.echo(json.dumps(state_json_schema(), indent=2))
 

@@ -16,8 +16,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
-from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
-from pydantic_core import CoreSchema, PydanticCustomError
+from pydantic_core import PydanticCustomError
 
 from reconciler.model_types import (
     DURATION_RE,
@@ -93,7 +92,6 @@ __all__ = [
     "SecretRef",
     "Side",
     "SmtpRoute",
-    "StateJsonSchema",
     "StrictModel",
     "Tsig",
     "Ttl",
@@ -103,7 +101,6 @@ __all__ = [
     "field_error",
     "format_duration",
     "parse_duration",
-    "state_json_schema",
 ]
 
 
@@ -481,22 +478,3 @@ class DesiredState(StrictModel):
 
     def user_names(self) -> list[str]:
         return sorted(self.users)
-
-
-class StateJsonSchema(GenerateJsonSchema):
-    """The JSON Schema of what a state file may say (pydantic's validation mode: a connection
-    is a string, a duration 48h), with defaults written the way a state file writes them
-    (2d, not the ISO 8601 P2D pydantic would show), and the draft it follows declared."""
-
-    def encode_default(self, dft: Any) -> Any:
-        if isinstance(dft, timedelta):
-            return format_duration(dft)
-        return super().encode_default(dft)
-
-    def generate(self, schema: CoreSchema, mode: JsonSchemaMode = "validation") -> JsonSchemaValue:
-        return {"$schema": self.schema_dialect, **super().generate(schema, mode=mode)}
-
-
-def state_json_schema() -> dict[str, Any]:
-    """What `mailrec schema` prints: every shipped state file validates against it."""
-    return DesiredState.model_json_schema(mode="validation", schema_generator=StateJsonSchema)
