@@ -32,6 +32,7 @@ from reconciler.model import Side
 from reconciler.static import static_findings
 from reconciler.steps import CreateAlias, DetachUpstream, MoveMx, RetireOnprem, SetMxTtl
 from reconciler.world import History
+from tests.test_cli import ack_events
 
 from .conftest import STATE, run_cli, set_users
 from .test_gates import CTX, LOWERED, MX, NOW, world
@@ -271,14 +272,6 @@ def _panel_create(lab: LabLayout, name: str) -> None:
         (lab.rental_maildirs / name / sub).mkdir(parents=True, exist_ok=True)
 
 
-def _acks(lab: LabLayout) -> list[Any]:
-    journal = Journal(lab.journal_dir)
-    try:
-        return journal.events(kind="ack")
-    finally:
-        journal.close()
-
-
 def test_the_ack_the_plan_asks_for_is_recorded_after_the_person_did_it(lab: LabLayout) -> None:
     """The manual rental (lab services up): plan asks for `mailrec ack mailbox/suga`; the admin
     creates the mailbox as told, then acks: recorded, not "nothing to acknowledge"."""
@@ -299,7 +292,7 @@ def test_the_ack_the_plan_asks_for_is_recorded_after_the_person_did_it(lab: LabL
         after = steps(plan_json(lab))
     finally:
         stop_services(lab)
-    assert [(e.step, e.detail.get("note")) for e in _acks(lab)] == [
+    assert [(e.step, e.detail.get("note")) for e in ack_events(lab)] == [
         ("mailbox/suga", "created"), ("mailbox/tanaka", "")]
     assert "mailbox/suga" not in after  # done: the plan no longer asks
     assert after["mailbox/tanaka"]["gate"]["kind"] == "observation"  # acked, not seen yet
