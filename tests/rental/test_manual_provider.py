@@ -13,9 +13,9 @@ import pytest
 
 from reconciler.drivers.rental.base import Capability, ProviderContext, ProviderError
 from reconciler.drivers.rental.lab import LabProvider
-from reconciler.drivers.rental.manual import (
+from reconciler.drivers.rental.manual import ManualProvider
+from reconciler.drivers.rental.manual_probe import (
     MailboxProbe,
-    ManualProvider,
     Reply,
     ReplyKind,
     judge_domain,
