@@ -49,6 +49,7 @@ class ApplyReport:
     plan: Plan
     outcomes: list[Outcome] = field(default_factory=list)
     final: Plan | None = None
+    world: World | None = None  # the world `final` was planned against
 
     @property
     def failed(self) -> bool:
@@ -180,12 +181,12 @@ def reconcile(
                 progress(step.id, "ok")
             world = observed
         if report.outcomes:
-            _, report.final = observe_and_plan(loaded, backend, journal, clock(),
-                                               allow_bulk=allow_bulk)
+            report.world, report.final = observe_and_plan(loaded, backend, journal, clock(),
+                                                          allow_bulk=allow_bulk)
         else:
             # Nothing was applied or recorded since this round observed and planned: the
             # plan is the final one (a daemon round on an unchanged world observes once).
-            report.final = plan
+            report.world, report.final = world, plan
         _spend_acks(journal, report.final, clock())
         return report
 

@@ -32,7 +32,6 @@ from reconciler.cli_common import (
     observe_or_fail,
     record_override,
     refuse_if_not_the_daemons,
-    resolve_state_path,
     run_clock_for,
     state_option,
     use_color,
@@ -93,21 +92,46 @@ def validate(state_path: Path | None, lab_dir: Path | None) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write the plan to this file (atomically) instead of stdout.")
 @click.option("--git-base", metavar="REF", default=None,
-              help="A PR's base commit: its state must load too.")
+              help="PR review: show what --git-head changes compared with this commit (the "
+                   "per-user diff, steps added and removed, refusals introduced); exit 3 when "
+                   "the head introduces a refusal.")
 @click.option("--git-head", metavar="REF", default=None,
               help="Plan the state at this commit (default with --git-base: HEAD).")
+@click.option("--world", "world_file", type=click.Path(path_type=Path), default=None,
+              help="Plan offline against this world snapshot (from `mailrec status --format "
+                   "json` or the daemon's world.json) instead of the live systems: nothing is "
+                   "connected to and no secret is read (for PR CI jobs).")
 @click.option("--allow-bulk", is_flag=True, help="Plan as if applying with --allow-bulk.")
 @click.option("--timings", is_flag=True,
               help="Also print, on stderr, what each phase took and the round trips each "
                    "system's observation cost.")
 def plan(state_path: Path | None, lab_dir: Path | None, fmt: str, out: Path | None,
-         git_base: str | None, git_head: str | None, allow_bulk: bool, timings: bool) -> None:
+         git_base: str | None, git_head: str | None, world_file: Path | None,
+         allow_bulk: bool, timings: bool) -> None:
     """Show what apply would change (a dry run)."""
     import time
 
+    if git_base:
+        from reconciler.cli_review import emit_review, review_pr
+
+        review, head_loaded = review_pr(state_path, lab_dir, git_base, git_head or "HEAD",
+                                        world_file, allow_bulk=allow_bulk)
+        emit_review(review, head_loaded, fmt, out, use_color() and out is None)
+        sys.exit(review.exit_code)
+    if world_file is not None:
+        from reconciler.cli_review import plan_offline
+
+        offline, loaded = plan_offline(state_path, lab_dir, git_head, world_file,
+                                       allow_bulk=allow_bulk)
+        _render_plan(offline, loaded, fmt, out, None, git_head)
+        sys.exit(offline.exit_code)
     started = time.perf_counter()
-    if git_head or git_base:
-        loaded, lab = _load_git_pair(state_path, lab_dir, git_base, git_head)
+    if git_head:
+        from reconciler.cli_review import load_git
+
+        loaded = load_git(state_path, LabLayout(lab_dir.resolve()) if lab_dir else None,
+                          git_head)
+        lab = LabLayout(lab_dir.resolve()) if lab_dir else None
     else:
         loaded, lab = load_or_fail(state_path, lab_dir)
     read = time.perf_counter()
@@ -138,28 +162,6 @@ def _render_plan(the_plan: Any, loaded: LoadedState, fmt: str, out: Path | None,
         emit(render_markdown(the_plan, title), out)
     else:
         emit(render_text(the_plan, color=use_color() and out is None), out)
-
-
-def _load_git_pair(state_path: Path | None, lab_dir: Path | None, base: str | None,
-                   head: str | None) -> tuple[LoadedState, LabLayout | None]:
-    """A PR plan: the head commit's state against the observed world. The base commit is
-    validated too, so a PR that fixes a broken base still shows what it does."""
-    from reconciler.load import StateError, load_from_git
-
-    lab = LabLayout(lab_dir.resolve()) if lab_dir else None
-    path = resolve_state_path(state_path, lab).resolve()
-    try:
-        import git
-
-        repo_root = Path(git.Repo(path, search_parent_directories=True).working_tree_dir or ".")
-        sub = str(path.relative_to(repo_root)) if path != repo_root else "."
-        if base:
-            load_from_git(repo_root, base, sub)
-        return load_from_git(repo_root, head or "HEAD", sub), lab
-    except StateError as exc:
-        fail("invalid state:\n" + "\n".join(f"  {p}" for p in exc.problems))
-    except Exception as exc:  # gitpython raises many kinds; all mean "cannot read that ref"
-        fail(f"git: {exc}")
 
 
 @cli.command()
@@ -229,7 +231,8 @@ def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
     from reconciler.render import render_status_json, render_status_text
 
     loaded, lab = load_or_fail(state_path, lab_dir)
-    world, the_plan = observe_or_fail(loaded, lab)
+    snapshots: list[Any] = []
+    world, the_plan = observe_or_fail(loaded, lab, snapshots=snapshots if fmt == "json" else None)
     journal = Journal.existing(journal_dir(loaded, lab))
     applied: frozenset[str] = frozenset()
     if journal is not None:
@@ -237,7 +240,10 @@ def status(state_path: Path | None, lab_dir: Path | None, fmt: str) -> None:
                             if e.result == "ok" and e.step)
         journal.close()
     if fmt == "json":
-        click.echo(render_status_json(the_plan, world, applied), nl=False)
+        from reconciler.snapshot import snapshot_dict
+
+        click.echo(render_status_json(the_plan, world, applied,
+                                      world_snapshot=snapshot_dict(snapshots[0])), nl=False)
     else:
         click.echo(render_status_text(the_plan, world, color=use_color(), applied=applied),
                    nl=False)
@@ -363,14 +369,19 @@ def rules(lab_dir: Path | None) -> None:
 @click.option("--lab", "lab_dir", type=click.Path(path_type=Path), envvar="MAILREC_LAB",
               help="Use the local lab at DIR for every host (env MAILREC_LAB).")
 @click.option("--metrics-port", type=int, default=None,
-              help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+              help="Serve Prometheus metrics (/metrics) and the read-only migration board "
+                   "(/, /board.json) on --metrics-address:PORT.")
+@click.option("--metrics-address", default="127.0.0.1", show_default=True, metavar="ADDRESS",
+              help="Address the metrics and board port binds to; loopback by default: put a "
+                   "reverse proxy with authentication in front to show the board to others.")
 @click.option("--once", is_flag=True, help="Reconcile once and exit (for cron and tests).")
 @click.option("--allow-bulk", is_flag=True,
               help="Allow moving more than policy.max_change_pct percent of the users at once.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Log lines as text, or one JSON object per line.")
 def daemon(repo: str | None, branch: str, interval: float, subpath: str, lab_dir: Path | None,
-           metrics_port: int | None, once: bool, allow_bulk: bool, log_format: str) -> None:
+           metrics_port: int | None, metrics_address: str, once: bool, allow_bulk: bool,
+           log_format: str) -> None:
     """Reconcile continuously from a git repo (or ./state), on change and every INTERVAL."""
     from reconciler.daemon import Daemon
 
@@ -378,7 +389,8 @@ def daemon(repo: str | None, branch: str, interval: float, subpath: str, lab_dir
     run_clock_for(lab)  # refuses a MAILREC_NOW it may not use before the first round
     runner = Daemon(repo=repo, branch=branch, subpath=subpath, interval=interval, lab=lab,
                     metrics_port=metrics_port, allow_bulk=allow_bulk,
-                    clock_override=clock_override_asked(), log_format=log_format)
+                    clock_override=clock_override_asked(), log_format=log_format,
+                    metrics_address=metrics_address)
     sys.exit(runner.run(once=once))
 
 

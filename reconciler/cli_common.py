@@ -194,16 +194,22 @@ def connected(loaded: LoadedState, lab: LabLayout | None) -> Iterator[tuple[Any,
 
 
 def observe_or_fail(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: bool = False,
-             costs: list[Any] | None = None) -> Any:
-    """Observe and plan; with `costs`, what reading each system took is appended to it."""
-    from reconciler.apply import observe_and_plan
+                    costs: list[Any] | None = None, snapshots: list[Any] | None = None) -> Any:
+    """Observe and plan; with `costs`, what reading each system took is appended to it; with
+    `snapshots`, the observation as an offline snapshot (reconciler/snapshot.py)."""
+    from reconciler.apply import build_plan
     from reconciler.journal import Journal
+    from reconciler.observe import JournalView
 
     now = run_clock_for(lab)()
     backend = make_backend(loaded, lab)
     journal = Journal.existing(journal_dir(loaded, lab))  # a dry run writes nothing
     try:
-        world, plan = observe_and_plan(loaded, backend, journal, now, allow_bulk=allow_bulk)
+        view = JournalView.read(journal)
+        world = backend.observe(now, view)
+        plan = build_plan(loaded, world, view, backend.instructor(), allow_bulk=allow_bulk)
+        if snapshots is not None:
+            snapshots.append(take_snapshot(loaded, backend, view, now, "mailrec status"))
         return world, dataclasses.replace(plan, systems=backend.describe())
     except (OSError, RuntimeError, ValueError) as exc:
         fail(f"cannot observe: {exc}")
@@ -213,6 +219,17 @@ def observe_or_fail(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: b
         backend.close()
         if journal is not None:
             journal.close()
+
+
+def take_snapshot(loaded: LoadedState, backend: Any, view: Any, now: Any, source: str) -> Any:
+    """The backend's last observation as an offline snapshot, without any secret."""
+    from reconciler.snapshot import capture
+
+    return capture(parts=backend.last_parts, view=view, observed_at=now,
+                   domain=loaded.state.domain, state_digest=loaded.digest,
+                   systems=backend.describe(), rental_provider=backend.rental.name,
+                   rental_capabilities=frozenset(str(c) for c in backend.rental.capabilities),
+                   source=source)
 
 
 def emit(text: str, out: Path | None) -> None:

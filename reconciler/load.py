@@ -364,10 +364,11 @@ def load_state(path: Path) -> LoadedState:
 def load_from_git(repo: Path, ref: str, subpath: str = "state") -> LoadedState:
     """The desired state as committed at `ref` (for `plan --git-base/--git-head`, daemon)."""
     import git
+    from gitdb.exc import ODBError  # type: ignore[import-untyped]  # unknown ref: BadName
 
     try:
         commit = git.Repo(repo, search_parent_directories=True).commit(ref)
-    except (git.exc.GitError, ValueError) as exc:
+    except (git.exc.GitError, ODBError, ValueError) as exc:
         raise StateError([Problem(f"{repo}@{ref}", 0, 0, "", f"git: {exc}")]) from None
     tree = commit.tree
     try:

@@ -277,11 +277,15 @@ def render_status_text(plan: Plan, world: World, *, color: bool = False,
     return buffer.getvalue()
 
 
-def render_status_json(plan: Plan, world: World, applied: frozenset[str] = frozenset()) -> str:
-    return json.dumps(
-        {"format_version": FORMAT_VERSION, "in_sync": plan.in_sync,
-         "resources": status_rows(plan, world, applied),
-         "findings": [f.as_json() for f in plan.findings],
-         "not_verified": list(plan.unverified), "systems": list(plan.systems)},
-        indent=2,
-    ) + "\n"
+def render_status_json(plan: Plan, world: World, applied: frozenset[str] = frozenset(),
+                       world_snapshot: dict[str, object] | None = None) -> str:
+    """Status as JSON; with `world_snapshot`, the observation under "world", which
+    `plan --world FILE` reads (a PR's CI plans against it without credentials)."""
+    data: dict[str, object] = {
+        "format_version": FORMAT_VERSION, "in_sync": plan.in_sync,
+        "resources": status_rows(plan, world, applied),
+        "findings": [f.as_json() for f in plan.findings],
+        "not_verified": list(plan.unverified), "systems": list(plan.systems)}
+    if world_snapshot is not None:
+        data["world"] = world_snapshot
+    return json.dumps(data, indent=2) + "\n"

@@ -267,3 +267,35 @@ def test_plan_timings_show_round_trips_per_host_that_do_not_grow_with_users(
         assert found is not None, planned.stderr
         counts.append(int(found.group(1)))
     assert counts[0] == counts[1] > 0, counts
+
+
+def test_a_world_snapshot_of_real_systems_holds_no_secret_and_plans_the_same_offline(
+    onprem: OnpremStack, named: NamedServer, tmp_path: Path
+) -> None:
+    """status --format json over real sshd + Postfix and BIND with TSIG: its snapshot holds
+    neither the TSIG secret nor the SSH key, and planned offline (the TSIG file and the SSH
+    settings gone, as on a PR's CI runner) it gives the live plan, checksum included."""
+    moving, *staying = onprem.users.create(3)
+    onprem.add_rental_mailbox(moving)
+    users = {moving: "rental", **dict.fromkeys(staying, "onprem")}
+    state = write_state(tmp_path / "state", onprem, named, users)
+    env = ssh_env(onprem)
+    status = run_cli("status", "--state", str(state), "--format", "json", env=env)
+    assert status.exit_code == 2, status.stderr
+    assert named.secret not in status.output
+    key = Path(env["MAILREC_SSH_KEY"]).read_text()
+    assert key.strip().splitlines()[1] not in status.output
+    live = json.loads(run_cli("plan", "--state", str(state), "--format", "json",
+                              env=env).output)
+    world = tmp_path / "world.json"
+    world.write_text(status.output)
+    (state / "tsig.secret").unlink()
+    offline_env = {"MAILREC_KNOWN_HOSTS": "/nonexistent", "MAILREC_SSH_KEY": "/nonexistent",
+                   "MAILREC_LAB": "", "MAILREC_NOW": ""}
+    offline = run_cli("plan", "--state", str(state), "--format", "json", "--world",
+                      str(world), env=offline_env)
+    assert offline.exit_code == 2, offline.stderr
+    planned = json.loads(offline.output)
+    assert planned["steps"] == live["steps"]
+    assert planned["checksum"] == live["checksum"]
+    assert "Postfix over SSH" in " ".join(planned["systems"])

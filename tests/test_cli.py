@@ -334,9 +334,11 @@ def test_plan_git_base_head_shows_the_head_commit(lab: LabLayout, tmp_path: Path
     assert "inbound/suga" not in step_ids(json.loads(working.output))
     pr = run_cli(*args, "--git-base", "HEAD~1", "--git-head", "HEAD", "--format", "json")
     assert pr.exit_code == EXIT_PENDING, pr.stderr
-    plan = json.loads(pr.output)
-    assert {"mailbox/suga", "inbound/suga"} <= step_ids(plan)
-    assert plan["source"] == repo.head.commit.hexsha
+    review = json.loads(pr.output)
+    # What the head adds compared with the base, both planned against the same lab.
+    assert {"mailbox/suga", "inbound/suga"} <= {c["id"] for c in review["added"]}
+    assert review["removed"] == [] and review["introduced"] == []
+    assert review["head_plan"]["source"] == repo.head.commit.hexsha
     markdown = run_cli(*args, "--git-base", "HEAD~1", "--git-head", "HEAD",
                        "--format", "markdown")
     assert "(HEAD~1 → HEAD)" in markdown.output

@@ -65,7 +65,7 @@ from reconciler.steps import (
     Step,
 )
 from reconciler.transport import Transport, TransportError, open_transport
-from reconciler.world import World
+from reconciler.world import RouterFacts, World
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,24 @@ def _env_path(name: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+@dataclass(frozen=True)
+class ObservedParts:
+    """What the drivers read in one observation, before it is joined with a state into a
+    World: the offline snapshot (`reconciler/snapshot.py`) keeps these, so a PR's base and
+    head are each planned against the same observation."""
+
+    postfix: PostfixFacts
+    rental: RentalSnapshot
+    dns: DnsRecords
+    router: RouterFacts | None
+    upstream: tuple[UpstreamFacts, ...] = ()
+
+
 class SystemBackend:
     # What each system's read cost in the last observe() (`plan --timings`).
     last_costs: tuple[ObservationCost, ...] = ()
+    # What the drivers read in the last observe() (the offline snapshot).
+    last_parts: ObservedParts | None = None
 
     def __init__(
         self,
@@ -365,10 +380,13 @@ class SystemBackend:
 
     def observe(self, now: datetime, view: JournalView) -> World:
         postfix, rental, records, router = self.read_parts(now)
+        upstream = self.read_upstream()
+        self.last_parts = ObservedParts(postfix, rental, records, router,  # type: ignore[arg-type]
+                                        upstream)
         return build_world(
             self.state, postfix=postfix, rental=rental, dns=records,
             router=router, journal=view, now=now,  # type: ignore[arg-type]
-            upstream=self.read_upstream(),
+            upstream=upstream,
         )
 
     # --- execute ---------------------------------------------------------------------------
