@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/python -m reconciler.demo --lab $(LAB) --state state
 
+## guide: rewrite the command outputs in docs/user-guide.md from a fresh run of the walk
+## (`scripts/guide_outputs.py --check` only compares, as tests/test_guide_outputs.py does)
+.PHONY: guide
+guide: setup
+	$(BIN)/python scripts/guide_outputs.py
+
 ## test: install the real services (root), lint, type-check, layering, the whole suite
 test: setup services lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
