@@ -52,6 +52,7 @@ from reconciler.lab.layout import LabLayout  # noqa: E402
 from reconciler.lab.services import stop_services  # noqa: E402
 
 GUIDE = REPO / "docs" / "user-guide.md"
+DEFAULT_FILES = (GUIDE, REPO / "README.md")  # README shows one plan from the walk too
 NOW = "2026-12-02T09:00:00+00:00"
 MARKER = re.compile(
     r"^<!-- generated: demo (?P<spec>[^\n]*?) -->\n(?P<fence>```text\n)(?P<body>.*?)^```$",
@@ -186,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true",
                         help="change nothing; exit 1 and print a diff if the guide differs")
-    parser.add_argument("--guide", type=Path, default=GUIDE, help="default: docs/user-guide.md")
+    parser.add_argument("--guide", type=Path, action="append", default=None,
+                        help="a Markdown file to fill (repeatable; default: docs/user-guide.md "
+                             "and README.md)")
     parser.add_argument("--now", default=NOW, help=f"the walk's start time (default {NOW})")
     parser.add_argument("--transcript", type=Path, help="use this saved transcript, run nothing")
     parser.add_argument("--save-transcript", type=Path, help="write the transcript as JSON")
@@ -201,24 +204,31 @@ def main(argv: list[str] | None = None) -> int:
         args.save_transcript.write_text(json.dumps(
             {key: vars(entry) for key, entry in transcript.items()}, indent=1) + "\n")
 
-    current = args.guide.read_text(encoding="utf-8")
+    status = 0
+    for guide in args.guide or DEFAULT_FILES:
+        status = max(status, _fill(guide, transcript, check=args.check))
+    return status
+
+
+def _fill(guide: Path, transcript: dict[str, Entry], *, check: bool) -> int:
+    current = guide.read_text(encoding="utf-8")
     try:
         fresh = render(current, transcript)
     except GuideError as error:
-        print(f"guide_outputs: {args.guide}: {error}", file=sys.stderr)
+        print(f"guide_outputs: {guide}: {error}", file=sys.stderr)
         return 1
     if fresh == current:
-        print(f"{args.guide}: the generated outputs match a fresh run")
+        print(f"{guide}: the generated outputs match a fresh run")
         return 0
-    if args.check:
+    if check:
         sys.stdout.writelines(difflib.unified_diff(
             current.splitlines(keepends=True), fresh.splitlines(keepends=True),
-            fromfile=f"{args.guide} (as committed)", tofile=f"{args.guide} (a fresh run)"))
-        print(f"\n{args.guide}: the generated outputs differ from a fresh run; "
+            fromfile=f"{guide} (as committed)", tofile=f"{guide} (a fresh run)"))
+        print(f"\n{guide}: the generated outputs differ from a fresh run; "
               "run `make guide` to rewrite them", file=sys.stderr)
         return 1
-    write_atomically(args.guide, fresh)
-    print(f"{args.guide}: rewrote the generated outputs")
+    write_atomically(guide, fresh)
+    print(f"{guide}: rewrote the generated outputs")
     return 0
 
 
