@@ -34,7 +34,7 @@ services:
 	./scripts/install-services.sh
 
 lint: setup
-	$(BIN)/ruff check reconciler tests bench
+	$(BIN)/ruff check reconciler tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -209,7 +209,9 @@ def observe_or_fail(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: b
         world = backend.observe(now, view)
         plan = build_plan(loaded, world, view, backend.instructor(), allow_bulk=allow_bulk)
         if snapshots is not None:
-            snapshots.append(take_snapshot(loaded, backend, view, now, "mailrec status"))
+            from reconciler.snapshot import from_backend
+
+            snapshots.append(from_backend(loaded, backend, view, now, "mailrec status"))
         return world, dataclasses.replace(plan, systems=backend.describe())
     except (OSError, RuntimeError, ValueError) as exc:
         fail(f"cannot observe: {exc}")
@@ -219,17 +221,6 @@ def observe_or_fail(loaded: LoadedState, lab: LabLayout | None, *, allow_bulk: b
         backend.close()
         if journal is not None:
             journal.close()
-
-
-def take_snapshot(loaded: LoadedState, backend: Any, view: Any, now: Any, source: str) -> Any:
-    """The backend's last observation as an offline snapshot, without any secret."""
-    from reconciler.snapshot import capture
-
-    return capture(parts=backend.last_parts, view=view, observed_at=now,
-                   domain=loaded.state.domain, state_digest=loaded.digest,
-                   systems=backend.describe(), rental_provider=backend.rental.name,
-                   rental_capabilities=frozenset(str(c) for c in backend.rental.capabilities),
-                   source=source)
 
 
 def emit(text: str, out: Path | None) -> None:

@@ -38,8 +38,17 @@ Example:
     "plan": PLAN_EXIT_CODES + """
 
 \b
-Example:
-  mailrec plan --git-base origin/main --git-head HEAD --format markdown""",
+With --git-base (PR review), the exit code is the head's doing:
+  0  the head changes nothing mailrec would do
+  2  the head changes the plan (steps added, removed or held differently)
+  3  the head introduces a refusal
+  1  error
+
+\b
+Examples:
+  mailrec plan
+  mailrec status --format json > world.json      # a snapshot without secrets
+  mailrec plan --git-base origin/main --git-head HEAD --world world.json --format markdown""",
     "apply": """\b
 Exit codes (of the plan after applying):
   0  in sync: everything applied
@@ -55,7 +64,7 @@ Example:
 
 \b
 Example:
-  mailrec status --format json""",
+  mailrec status --format json     # includes "world": the snapshot plan --world reads""",
     "ack": """\b
 Exit codes:
   0  acknowledged (or the change is already visible)
@@ -86,7 +95,12 @@ Exit codes (a round's pending, gated or refused steps are not errors):
 
 \b
 Example:
-  mailrec daemon --repo git@git.example.co.jp:mail.git --metrics-port 9100""",
+  mailrec daemon --repo git@git.example.co.jp:mail.git --metrics-port 9100
+
+\b
+With --metrics-port, the same port serves /metrics (Prometheus), / and /board
+(the read-only migration board, HTML) and /board.json (its data), bound to
+--metrics-address (default 127.0.0.1). See docs/board.md.""",
 }
 
 

@@ -19,7 +19,6 @@ from reconciler.cli_common import (
     make_backend,
     resolve_state_path,
     run_clock_for,
-    take_snapshot,
 )
 from reconciler.lab.layout import LabLayout
 
@@ -96,7 +95,9 @@ def _observe_live(loaded: LoadedState, lab: LabLayout | None
     try:
         view = JournalView.read(journal)
         backend.observe(now, view)
-        snapshot = take_snapshot(loaded, backend, view, now, "this run")
+        from reconciler.snapshot import from_backend
+
+        snapshot = from_backend(loaded, backend, view, now, "this run")
         return snapshot, backend.instructor(), backend.describe()
     except (OSError, RuntimeError, ValueError) as exc:
         fail(f"cannot observe: {exc}\n{_USE_A_SNAPSHOT}")

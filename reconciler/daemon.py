@@ -4,7 +4,8 @@ Each round: fetch the branch (gitpython) or read the directory, then the same `r
 as `mailrec apply --yes`. It runs on every change of the state (watchfiles or a new commit)
 and at least every `interval` seconds, so drift is repaired and time gates open without
 anyone running a command. Failures are outcomes, not crashes: they are logged, counted in
-the metrics and retried with backoff.
+the metrics and retried with backoff. One port serves the metrics and the read-only migration
+board of the last finished round (`board_server.py`, docs/board.md).
 
 Logs (`mailrec.daemon`, text or one JSON object per line): a start and a stop line, then one
 line per change or error only -- a new commit, each applied step (ok/failed), a gated or
@@ -17,29 +18,39 @@ lines) is held at WARNING while the daemon runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
-import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from typing import IO, TYPE_CHECKING, Any
 
 from reconciler import __version__, clock
 from reconciler.apply import reconcile
+from reconciler.board_server import DEFAULT_ADDRESS, BoardFeed, BoardServer, Metrics, RoundOutcome
+from reconciler.daemon_log import (  # noqa: F401 (JSON_KEYS, QUIET_LOGGERS: the tests')
+    JSON_KEYS,
+    LOG_FORMATS,
+    QUIET_LOGGERS,
+    SHORT,
+    configure_logging,
+    log,
+    redact,
+)
 from reconciler.journal import Journal, LockedError, local_actor
 from reconciler.lab.layout import LabLayout
 from reconciler.load import LoadedState, StateError, load_from_git, load_state, state_files
 from reconciler.plan import Plan, Status
+
+if TYPE_CHECKING:
+    from reconciler.drivers.backend import SystemBackend
+    from reconciler.world import World
 from reconciler.target import (
     DaemonRecord,
     TargetError,
@@ -49,128 +60,30 @@ from reconciler.target import (
     write_record,
 )
 
-log = logging.getLogger("mailrec.daemon")
-
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
-
-LOG_FORMATS = ("text", "json")
-# Loggers held at WARNING while the daemon runs: SSH/HTTP/git libraries' per-connection lines,
-# and mailrec's own drivers and transports, which log every command and write at INFO/DEBUG
-# (the daemon logs the step those belong to, once).
-QUIET_LOGGERS = ("paramiko", "invoke", "urllib3", "git", "watchfiles", "reconciler")
-SHORT = 12  # characters of a commit id (or a state digest) in the logs
-# The fixed keys of a JSON log line, always present (null when not applicable).
-JSON_KEYS = ("ts", "level", "logger", "event", "commit", "step", "status", "message", "detail")
-_URL_USERINFO = re.compile(r"\b((?:https?|ftp)://)[^/\s@]+@|\b(\w[\w+.-]*://[^/\s:@]+):[^/\s@]+@")
-
-
-def redact(text: str) -> str:
-    """URL credentials out of a line: all user info of an http(s) URL (a token is often the
-    user name), the password of any other scheme's (ssh://git@host keeps its user)."""
-    return _URL_USERINFO.sub(
-        lambda m: f"{m.group(1)}***@" if m.group(1) else f"{m.group(2)}:***@", text)
-
-
-def _timestamp(record: logging.LogRecord) -> str:
-    when = datetime.fromtimestamp(record.created, UTC)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class TextFormatter(logging.Formatter):
-    """`TS LEVEL EVENT [COMMIT] MESSAGE`, one line (a multi-line message is joined with " | ")."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        event = getattr(record, "event", None) or record.name
-        commit = getattr(record, "commit", None)
-        message = " | ".join(redact(record.getMessage()).splitlines())
-        line = f"{_timestamp(record)} {record.levelname} {event}"
-        if commit:
-            line += f" [{commit}]"
-        line += f" {message}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line with the keys of `JSON_KEYS`."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = redact(record.getMessage())
-        if record.exc_info:
-            message += "\n" + self.formatException(record.exc_info)
-        line: dict[str, object] = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": getattr(record, "event", None) or "log",
-        }
-        for key in ("commit", "step", "status"):
-            line[key] = getattr(record, key, None)
-        line["message"] = message
-        line["detail"] = getattr(record, "detail", None)
-        return json.dumps(line, ensure_ascii=False, default=str)
-
-
-def configure_logging(log_format: str = "text",
-                      stream: IO[str] | None = None) -> Callable[[], None]:
-    """The daemon's log output on the root logger (stderr by default), the libraries quiet;
-    returns the function that puts everything back as it was."""
-    if log_format not in LOG_FORMATS:
-        raise ValueError(f"log format {log_format!r}: one of {', '.join(LOG_FORMATS)}")
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    root = logging.getLogger()
-    quiet = [logging.getLogger(name) for name in QUIET_LOGGERS]
-    saved = [(logger, logger.level) for logger in (root, log, *quiet)]
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)  # any other library: warnings and errors only
-    log.setLevel(logging.INFO)
-    for logger in quiet:
-        logger.setLevel(logging.WARNING)
-
-    def restore() -> None:
-        root.removeHandler(handler)
-        handler.flush()
-        for logger, level in saved:
-            logger.setLevel(level)
-
-    return restore
-
 
 def short(source: str | None) -> str | None:
     return source[:SHORT] if source else None
-
-
-@dataclass
-class Metrics:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-
-    def __post_init__(self) -> None:
-        self.rounds = Counter("mailrec_reconcile_total", "Reconcile rounds", ["result"],
-                              registry=self.registry)
-        self.steps = Gauge("mailrec_plan_steps", "Steps in the latest plan", ["status"],
-                           registry=self.registry)
-        self.applied = Counter("mailrec_steps_applied_total", "Steps applied", ["result"],
-                               registry=self.registry)
-        self.in_sync = Gauge("mailrec_in_sync", "1 when the world equals the desired state",
-                             registry=self.registry)
-        self.last = Gauge("mailrec_last_reconcile_timestamp_seconds",
-                          "When the last round finished", registry=self.registry)
 
 
 class Daemon:
     def __init__(self, *, repo: str | None, branch: str, subpath: str, interval: float,
                  lab: LabLayout | None, metrics_port: int | None, allow_bulk: bool,
                  clock_override: bool = False, log_format: str = "text",
-                 log_stream: IO[str] | None = None) -> None:
+                 log_stream: IO[str] | None = None,
+                 metrics_address: str = DEFAULT_ADDRESS) -> None:
         if log_format not in LOG_FORMATS:
             raise ValueError(f"log format {log_format!r}: one of {', '.join(LOG_FORMATS)}")
         self.repo, self.branch, self.subpath = repo, branch, subpath
         self.interval = interval
         self.lab = lab
         self.metrics = Metrics()
-        self.metrics_port = metrics_port
+        self.metrics_port, self.metrics_address = metrics_port, metrics_address
+        # One port for /metrics and the board, which shows what the last round left behind.
+        self.board = BoardServer(self.metrics.registry)
+        self.feed = BoardFeed(__version__, f"branch {branch}" if repo else "a state directory")
+        self._result: str = "error"  # how this round ended, as counted in the metrics
+        self._outcome: RoundOutcome | None = None  # what it leaves for the board
         self.allow_bulk = allow_bulk
         # MAILREC_NOW moves the time gates' clock only in a lab or when asked explicitly.
         self.clock = clock.for_run(lab is not None or clock_override)
@@ -201,6 +114,8 @@ class Daemon:
     def _emit(self, level: int, event: str, message: str, *, commit: str | None = None,
               step: str | None = None, status: str | None = None,
               detail: dict[str, object] | None = None) -> None:
+        if level >= logging.ERROR:
+            self.feed.error(redact(message), clock.wall())
         if not log.isEnabledFor(level):
             return
         log.log(level, "%s", redact(message), extra={
@@ -311,7 +226,41 @@ class Daemon:
             self._started_at))
         return directory
 
+    def _publish_world(self, loaded: LoadedState, backend: SystemBackend, journal: Journal,
+                       directory: Path, world: World | None) -> None:
+        """The round's last observation as an offline snapshot (for `plan --world` in a PR
+        job): `world.json` in the target directory, and /world.json on the board's port."""
+        from reconciler.cli_output import write_atomically
+        from reconciler.observe import JournalView
+        from reconciler.snapshot import from_backend, snapshot_json
+
+        if backend.last_parts is None or world is None:
+            return
+        try:
+            text = snapshot_json(from_backend(loaded, backend, JournalView.read(journal),
+                                              world.now, "mailrec daemon"))
+            write_atomically(directory / "world.json", text)
+            self.board.publish_world(text)
+        except Exception as exc:  # a view for reviewers: it never fails a round
+            self._emit(logging.ERROR, "world", f"world.json not written: {exc}")
+
+    def _counted(self, result: str) -> None:
+        self.metrics.rounds.labels(result).inc()
+        self._result = result
+
     def round(self) -> int:
+        """One round, then the board: this round's plan, or (none made) the last one with
+        how this round ended."""
+        self._result, self._outcome = "error", None
+        code = self._round()
+        try:
+            outcome = self._outcome if self.board.serving else None  # built only when shown
+            self.board.publish(self.feed.finished(self._result, clock.wall(), outcome))
+        except Exception as exc:  # the board is a view: it never fails a round
+            self._emit(logging.ERROR, "board", f"board not updated: {exc}")
+        return code
+
+    def _round(self) -> int:
         from reconciler.drivers.backend import SystemBackend
 
         if self.repo is None:
@@ -324,13 +273,13 @@ class Daemon:
             self._source_seen()
             self._emit(logging.ERROR, "invalid", f"invalid state, nothing applied: {exc}",
                        commit=short(self._source), status="invalid")
-            self.metrics.rounds.labels("invalid").inc()
+            self._counted("invalid")
             return 1
         except Exception as exc:  # the repo unreachable, a broken clone: retried next round
             self._emit(logging.ERROR, "error",
                        f"cannot read the desired state, nothing applied: {exc}",
                        commit=short(self._source), status="error")
-            self.metrics.rounds.labels("error").inc()
+            self._counted("error")
             return 1
         self._source = loaded.digest
         self._source_seen()
@@ -340,7 +289,7 @@ class Daemon:
         except TargetError as exc:  # another daemon, or an old journal to move first
             self._emit(logging.ERROR, "error", f"nothing applied: {exc}", commit=commit,
                        status="error")
-            self.metrics.rounds.labels("error").inc()
+            self._counted("error")
             return 1
         actor = f"{loaded.author} (daemon)" if loaded.author else f"{local_actor()} (daemon)"
         journal = Journal(directory, actor=actor)
@@ -348,15 +297,17 @@ class Daemon:
         try:
             backend = SystemBackend(loaded.state, lab=self.lab, state_dir=loaded.directory)
             report = reconcile(loaded, backend, journal, self.clock, allow_bulk=self.allow_bulk)
+            systems = backend.describe()
+            self._publish_world(loaded, backend, journal, directory, report.world)
         except LockedError as exc:
             self._emit(logging.INFO, "skipped", f"round skipped: {exc}", commit=commit,
                        status="locked")
-            self.metrics.rounds.labels("locked").inc()
+            self._counted("locked")
             return 0
         except Exception as exc:  # a round's failure is an outcome: log, count, retry later
             self._emit(logging.ERROR, "error", f"reconcile failed: {exc}", commit=commit,
                        status="error")
-            self.metrics.rounds.labels("error").inc()
+            self._counted("error")
             return 1
         finally:
             if backend is not None:
@@ -375,8 +326,10 @@ class Daemon:
             self.metrics.steps.labels(str(status)).set(len(final.by_status(status)))
         self.metrics.in_sync.set(1 if final.in_sync else 0)
         self.metrics.last.set(clock.wall().timestamp())
-        result = "failed" if report.failed else "ok"
-        self.metrics.rounds.labels(result).inc()
+        self._counted("failed" if report.failed else "ok")
+        if report.world is not None:
+            self._outcome = RoundOutcome(dataclasses.replace(final, systems=systems),
+                                         report.world, loaded.state, commit, loaded.author)
         self._log_held(final, {o.step for o in report.outcomes}, commit)
         if final.in_sync != self._in_sync:
             self._in_sync = final.in_sync
@@ -431,14 +384,16 @@ class Daemon:
             "branch": self.branch if self.repo else None,
             "path": self.subpath if self.repo else str(self._state_path()),
             "interval": self.interval, "lab": str(self.lab.root) if self.lab else None,
-            "metrics_port": self.metrics_port, "allow_bulk": self.allow_bulk,
+            "metrics_port": self.metrics_port, "metrics_address": self.metrics_address,
+            "allow_bulk": self.allow_bulk,
             "pid": os.getpid(),
         }
         source = (f"repo {detail['repo']} branch {self.branch} path {self.subpath}"
                   if self.repo else f"state dir {detail['path']}")
         where = f"lab {detail['lab']}" if self.lab else "no lab"
-        extra = (f", metrics 127.0.0.1:{self.metrics_port}" if self.metrics_port is not None
-                 else "") + (", allow-bulk" if self.allow_bulk else "")
+        extra = (f", metrics and board {self.metrics_address}:{self.metrics_port}"
+                 if self.metrics_port is not None else "")
+        extra += ", allow-bulk" if self.allow_bulk else ""
         message = (f"mailrec {__version__} daemon started: {source}, interval "
                    f"{self.interval:g}s, {where}{extra}, pid {detail['pid']}")
         return message, detail
@@ -458,8 +413,7 @@ class Daemon:
 
         try:
             if self.metrics_port is not None:
-                start_http_server(self.metrics_port, addr="127.0.0.1",
-                                  registry=self.metrics.registry)
+                self.board.start(self.metrics_port, self.metrics_address)
             # Signal handlers can only be set in the main thread; a daemon run in another
             # thread (an embedding service, the tests) is stopped with `stop.set()` instead.
             # The previous handlers come back when run() returns.
@@ -482,6 +436,7 @@ class Daemon:
             reason = f"crashed: {type(exc).__name__}: {exc}"
             raise
         finally:
+            self.board.stop()
             self._registration.close()  # the target is no longer managed: commands see it
             self._registered = None
             for signum, handler in previous:

@@ -28,7 +28,8 @@ from reconciler.observe import JournalView, build_world
 from reconciler.world import RouterFacts, World
 
 if TYPE_CHECKING:  # annotations only: the drivers load dnspython and paramiko
-    from reconciler.drivers.backend import ObservedParts
+    from reconciler.drivers.backend import ObservedParts, SystemBackend
+    from reconciler.load import LoadedState
     from reconciler.model import DesiredState
 
 SNAPSHOT_KIND = "mailrec-world"
@@ -122,6 +123,19 @@ def capture(*, parts: ObservedParts, view: JournalView, observed_at: datetime, d
                          systems=systems, parts=clean, view=view,
                          rental_provider=rental_provider,
                          rental_capabilities=frozenset(rental_capabilities), source=source)
+
+
+def from_backend(loaded: LoadedState, backend: SystemBackend, view: JournalView,
+                 observed_at: datetime, source: str) -> WorldSnapshot:
+    """The backend's last observation (`SystemBackend.last_parts`) as a snapshot."""
+    parts = backend.last_parts
+    if parts is None:
+        raise SnapshotError("nothing was observed yet")
+    return capture(parts=parts, view=view, observed_at=observed_at,
+                   domain=loaded.state.domain, state_digest=loaded.digest,
+                   systems=backend.describe(), rental_provider=backend.rental.name,
+                   rental_capabilities=frozenset(str(c) for c in backend.rental.capabilities),
+                   source=source)
 
 
 def _adapter() -> Any:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the real services the integration tests run on loopback: Postfix, BIND 9,
-# OpenSSH and Dovecot. Idempotent; needs root (or sudo); Debian/Ubuntu (apt). The tests start
-# their own instances in temporary directories; nothing here is left running.
+# OpenSSH and Dovecot; and Chromium, the browser the board's test opens the page in.
+# Idempotent; needs root (or sudo); Debian/Ubuntu (apt). The tests start their own
+# instances in temporary directories; nothing here is left running.
 # `--python-only` installs only what `python3 -m venv` needs (the Makefile's setup, which runs
 # before anything else on a bare machine).
 #
@@ -27,6 +28,8 @@ if [ "${1:-}" != "--python-only" ]; then
   command -v ssh-keyscan >/dev/null 2>&1 || need+=(openssh-client)
   [ -x /usr/sbin/dovecot ] || need+=(dovecot-core dovecot-imapd)
   command -v ip >/dev/null 2>&1 || need+=(iproute2)
+  # The board's browser test (Playwright drives it); a font, as recommends are not installed.
+  [ -x /usr/bin/chromium ] || need+=(chromium fonts-dejavu-core)
 fi
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 
