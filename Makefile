@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 LAB    ?= lab
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint unit integration bench clean services
+.PHONY: setup run test lint unit integration bench clean services e2e
 
 setup: $(STAMP)
 
@@ -38,12 +38,19 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+## e2e: the whole migration on real servers (root: Postfix, Dovecot, BIND, sshd via apt),
+## 50 users and 5,000 messages, once per fault; prints the ledger table (tests/e2e/)
+e2e: setup services
+	$(BIN)/python -m tests.e2e.run --users 50 --messages 5000 --markdown e2e-ledger.md
+
 ## bench: observe/plan in one process (plan_bench.py), whole mailrec processes vs the goals
-## (process_bench.py), daemon rounds on an unchanged and a new commit (daemon_bench.py)
+## (process_bench.py), daemon rounds on an unchanged and a new commit (daemon_bench.py),
+## commit-to-applied on the e2e harness's real servers (e2e_bench.py, root)
 bench: setup
 	$(BIN)/python bench/plan_bench.py
 	$(BIN)/python bench/process_bench.py
 	$(BIN)/python bench/daemon_bench.py
+	$(BIN)/python bench/e2e_bench.py
 
 clean:
 	rm -rf $(VENV) $(LAB) .mypy_cache .ruff_cache

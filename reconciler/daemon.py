@@ -305,7 +305,9 @@ class Daemon:
             self._counted("locked")
             return 0
         except Exception as exc:  # a round's failure is an outcome: log, count, retry later
-            self._emit(logging.ERROR, "error", f"reconcile failed: {exc}", commit=commit,
+            # Some failures say nothing (a dropped SSH connection's EOFError): name the kind.
+            reason = str(exc) or type(exc).__name__
+            self._emit(logging.ERROR, "error", f"reconcile failed: {reason}", commit=commit,
                        status="error")
             self._counted("error")
             return 1

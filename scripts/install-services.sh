@@ -27,6 +27,8 @@ if [ "${1:-}" != "--python-only" ]; then
   [ -x /usr/sbin/sshd ] || need+=(openssh-server)
   command -v ssh-keyscan >/dev/null 2>&1 || need+=(openssh-client)
   [ -x /usr/sbin/dovecot ] || need+=(dovecot-core dovecot-imapd)
+  # The e2e onprem host's users drain their old mailboxes over POP3 (tests/e2e/topology.py).
+  [ -x /usr/lib/dovecot/pop3 ] || need+=(dovecot-pop3d)
   command -v ip >/dev/null 2>&1 || need+=(iproute2)
   # The board's browser test (Playwright drives it); a font, as recommends are not installed.
   [ -x /usr/bin/chromium ] || need+=(chromium fonts-dejavu-core)
