@@ -377,6 +377,26 @@ class DeliveryRecord:
         return sum(1 for attempt in self.history if attempt.accepted)
 
 
+
+
+def _new_tracked(recipients: str | Sequence[str], sender: str, subject: str | None,
+                 body: str | None, ident: str) -> _Tracked:
+    """A message built and tracked from its first attempt (the sender's and the client's)."""
+    rcpts = (recipients,) if isinstance(recipients, str) else tuple(recipients)
+    if not rcpts:
+        raise ValueError("a message needs at least one recipient")
+    message = build_message(ident, sender, rcpts, subject=subject, body=body)
+    return _Tracked(
+        id=ident,
+        message_id=str(message["Message-ID"]),
+        sender=sender,
+        recipients=rcpts,
+        payload=message.as_bytes(policy=email.policy.SMTP),
+        submitted_at=time.time(),
+        pending=list(rcpts),
+    )
+
+
 @dataclass
 class _Tracked:
     """The mutable state behind a DeliveryRecord (guarded by its owner's lock)."""
@@ -721,24 +741,11 @@ class InternetSender:
         body: str | None,
         e2e_id: str | None,
     ) -> _Tracked:
-        rcpts = (recipients,) if isinstance(recipients, str) else tuple(recipients)
-        if not rcpts:
-            raise ValueError("a message needs at least one recipient")
-        ident = e2e_id or new_id(self.id_prefix)
-        message = build_message(ident, sender, rcpts, subject=subject, body=body)
-        tracked = _Tracked(
-            id=ident,
-            message_id=str(message["Message-ID"]),
-            sender=sender,
-            recipients=rcpts,
-            payload=message.as_bytes(policy=email.policy.SMTP),
-            submitted_at=time.time(),
-            pending=list(rcpts),
-        )
+        tracked = _new_tracked(recipients, sender, subject, body, e2e_id or new_id(self.id_prefix))
         with self._lock:
-            if ident in self._messages:
-                raise ValueError(f"e2e id {ident} used twice")
-            self._messages[ident] = tracked
+            if tracked.id in self._messages:
+                raise ValueError(f"e2e id {tracked.id} used twice")
+            self._messages[tracked.id] = tracked
         return tracked
 
     def _work(self) -> None:
@@ -897,27 +904,15 @@ class MailClient:
         e2e_id: str | None = None,
     ) -> DeliveryRecord:
         """Submit one message (retrying 4xx); returns its final record."""
-        rcpts = (recipients,) if isinstance(recipients, str) else tuple(recipients)
-        if not rcpts:
-            raise ValueError("a message needs at least one recipient")
-        ident = e2e_id or new_id(self.id_prefix)
-        message = build_message(ident, sender, rcpts, subject=subject, body=body)
-        tracked = _Tracked(
-            id=ident,
-            message_id=str(message["Message-ID"]),
-            sender=sender,
-            recipients=rcpts,
-            payload=message.as_bytes(policy=email.policy.SMTP),
-            submitted_at=time.time(),
-            pending=list(rcpts),
-        )
+        tracked = _new_tracked(recipients, sender, subject, body, e2e_id or new_id(self.id_prefix))
         with self._lock:
-            if ident in self._messages:
-                raise ValueError(f"e2e id {ident} used twice")
-            self._messages[ident] = tracked
+            if tracked.id in self._messages:
+                raise ValueError(f"e2e id {tracked.id} used twice")
+            self._messages[tracked.id] = tracked
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.retry_delay * 2 ** (attempt - 1))
+                # An outbox retries, but not ever more slowly: at most every 30 s.
+                time.sleep(min(self.retry_delay * 2 ** (attempt - 1), 30.0))
             with self._lock:
                 tracked.attempts += 1
                 if tracked.first_attempt_at is None:

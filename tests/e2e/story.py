@@ -96,6 +96,9 @@ class Story:
         self.clients: dict[str, str] = {}  # user -> "onprem" | "rental": their outgoing server
         self.office_line = net.OFFICE_LINE_B
         self.stop_load = threading.Event()
+        # Set when the run ends, however it ends: no message of this run may reach the next
+        # run's servers (they share the addresses).
+        self.aborted = threading.Event()
         self.sent_count = 0
         self._id = itertools.count(1)
         self._lock = threading.Lock()
@@ -255,7 +258,8 @@ class Story:
         addresses = sorted(expansions)
         interval = 1.0 / self.config.rate
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="e2e-load") as pool:
-            while not (self.stop_load.is_set() and self.sent_count >= self.config.messages):
+            while not ((self.stop_load.is_set() and self.sent_count >= self.config.messages)
+                       or self.aborted.is_set()):
                 roll = self.random.random()
                 if roll < 0.5:
                     to = self.random.choice(addresses)
@@ -286,8 +290,9 @@ class Story:
         self.ledger.sent(message_id, sender=sender, recipients=[to], expected=owners,
                          kind="internal" if kind == "internal" else "outbound")
         # A mail client's outbox: it keeps a message it could not send and tries again.
-        client = MailClient(server, source_address=self.office_line, retries=120,
-                            retry_delay=1.0, id_prefix="c")
+        client = MailClient(server, source_address=self.office_line,
+                            retries=0 if self.aborted.is_set() else 120, retry_delay=1.0,
+                            id_prefix="c")
         record = client.send(sender, [to], e2e_id=message_id)
         with self._lock:
             self._client_records.append(record)
@@ -391,6 +396,10 @@ class Story:
         self.read_mail()
         self.timeline.mark("queues empty" if not self.queued() else "queues NOT empty")
 
+    def client_records(self) -> list[DeliveryRecord]:
+        with self._lock:
+            return list(self._client_records)
+
     def queued(self) -> set[str]:
         dirs = [p.config_dir for p in self.t.postfixes.values()]
         return queued_ids(*dirs)
@@ -444,6 +453,9 @@ class Story:
             return row
         finally:
             self.stop_load.set()
+            self.aborted.set()
+            for thread in self._threads:
+                thread.join(timeout=60)
             fault.disarm(self)
             self.stop_daemon()
             with contextlib.suppress(Exception):
